@@ -1,0 +1,45 @@
+"""Inference backends behind one interface (see :mod:`backends.base`).
+
+``create_backend(manifest)`` is the only constructor the rest of the app uses; heavy libraries
+(torch, llama_cpp) are imported lazily by the chosen backend so that ``--help``, ``doctor`` and
+the manifest checks start instantly.
+"""
+from __future__ import annotations
+
+from .base import Backend
+from .manifest import Manifest, ManifestError, load_manifest
+from .types import (
+    BackendError,
+    BackendInfo,
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    LoadProgress,
+    SamplingParams,
+    StreamChunk,
+    Usage,
+)
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendInfo",
+    "ChatMessage",
+    "FinishReason",
+    "GenerationRequest",
+    "LoadProgress",
+    "Manifest",
+    "ManifestError",
+    "SamplingParams",
+    "StreamChunk",
+    "Usage",
+    "create_backend",
+    "load_manifest",
+]
+
+
+def create_backend(manifest: Manifest) -> Backend:
+    """Build (not load) the backend the manifest selects. ``backend: auto`` is resolved here."""
+    from .selection import create_backend as _create
+
+    return _create(manifest)
