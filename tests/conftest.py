@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny real models built locally (no network) and free loopback ports."""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny trained Qwen2 (HF safetensors + tokenizer + VibeThinker's template)."""
+    from backends.synthetic import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-hf") / "vibethinker-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    """The same tiny model as an F32 GGUF (greedy parity with transformers)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
+    from backends.convert import convert_hf_to_gguf
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "vibethinker-tiny-f32.gguf"
+    return convert_hf_to_gguf(tiny_model_dir, out, "F32")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
