@@ -491,8 +491,8 @@ def _intermediate_quant(refs: list[_TensorRef]) -> str:
     return "F32" if all(r.dtype == "F32" for r in refs) else "F16"
 
 
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    log.info("%s", message)
+def _report(progress: Progress | None, fraction: float, message: str, level: int = logging.INFO) -> None:
+    log.log(level, "%s", message)
     if progress is not None:
         progress(LoadProgress(max(0.0, min(1.0, fraction)), message))
 
@@ -530,7 +530,8 @@ def _write_gguf(src: Path, out: Path, quant: str, progress: Progress | None, spa
             writer.write_tensor_data(data)
             del data
             done += item.nbytes
-            _report(progress, lo + (hi - lo) * done / total, f"Converting to GGUF {quant}: {item.gguf_name}")
+            _report(progress, lo + (hi - lo) * done / total, f"Converting to GGUF {quant}: {item.gguf_name}",
+                    logging.DEBUG)
         writer.flush()
         assert writer.fout is not None
         for fh in writer.fout:

@@ -1,0 +1,320 @@
+"""The llama.cpp engine (llama-cpp-python): a GGUF on the CPU, or offloaded to a CUDA GPU.
+
+Only loading and the engine hooks live here; queueing, the ``<think>`` split, the thinking budget,
+the loop guard and usage are the shared driver's (:class:`backends.generation.EngineBackend`).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .base import ProgressCallback
+from .generation import EngineBackend
+from .gguf_source import ensure_gguf
+from .manifest import Manifest
+from .types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
+
+log = logging.getLogger(__name__)
+
+PIP_FIX = 'pip install "llama-cpp-python>=0.3.16"'
+# CUDA build of llama-cpp-python (compiles for several minutes; needs the CUDA toolkit's nvcc).
+PIP_CUDA_FIX = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir "llama-cpp-python>=0.3.16"'
+
+
+class LlamaCppUnavailable(BackendError):
+    """llama-cpp-python is missing or cannot be imported (``backend: auto`` falls back on it)."""
+
+
+def import_llama_cpp() -> Any:
+    """``import llama_cpp`` or a BackendError with the pip command that fixes it."""
+    try:
+        import llama_cpp
+    except ImportError as exc:  # also a broken shared library (OSError is wrapped by the package)
+        raise LlamaCppUnavailable(
+            f"The llama.cpp backend needs llama-cpp-python, which cannot be imported ({exc}). "
+            f"Install it: {PIP_FIX} (or pip install -e '.[llamacpp]'); or use backend: transformers."
+        ) from None
+    except OSError as exc:
+        raise LlamaCppUnavailable(
+            f"llama-cpp-python is installed but its library does not load ({exc}). Reinstall it: "
+            f"pip install --force-reinstall --no-cache-dir llama-cpp-python; or use backend: transformers."
+        ) from None
+    return llama_cpp
+
+
+def physical_cores() -> int:
+    """CPU cores we may use, counting hyper-threads once (decode speed scales with cores)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = list(range(os.cpu_count() or 1))
+    cores = len(allowed)
+    try:
+        # Siblings share (physical id, core id); count distinct pairs among the CPUs we may use.
+        pairs: set[tuple[str, str]] = set()
+        cpu: int | None = None
+        phys = core = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                phys = value
+            elif key == "core id":
+                core = value
+            elif not line.strip() and cpu is not None:
+                if cpu in allowed and core:
+                    pairs.add((phys, core))
+                cpu, phys, core = None, "", ""
+        if pairs:
+            cores = min(cores, len(pairs))
+    except (OSError, ValueError):
+        pass
+    # A container's CPU quota (cgroup v2) caps what the affinity mask shows.
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+class _LogCapture:
+    """Collects llama.cpp's own log lines while a model loads: with verbose off, its reason for a
+    failed load is otherwise lost, and the user sees only "failed to load model"."""
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self._llama_cpp = llama_cpp
+        self.lines: deque[str] = deque(maxlen=40)
+        self._callback: Any = None
+
+    def __enter__(self) -> _LogCapture:
+        lines = self.lines
+
+        @self._llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level in (2, 3):  # warnings and errors
+                lines.append(text.decode("utf-8", "replace").rstrip())
+
+        self._callback = callback  # keep a reference: ctypes must not free it while installed
+        self._llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from llama_cpp import _logger
+
+        self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+    def tail(self, n: int = 4) -> str:
+        useful = [line for line in self.lines if line]
+        return " | ".join(useful[-n:])
+
+
+class LlamaCppBackend(EngineBackend):
+    name = "llamacpp"
+
+    def __init__(self, manifest: Manifest, *, allow_convert: bool = True) -> None:
+        super().__init__(manifest)
+        self.allow_convert = allow_convert
+        self._llm: Any = None
+        self._path: Path | None = None
+        self._template: Any = None
+        self._template_vars: dict[str, Any] = {}
+        self._add_bos = False
+        self._gpu_layers = 0
+        self._threads = 0
+        self._quant = ""
+        self._load_lock = threading.Lock()
+
+    # -- loading --------------------------------------------------------------------------------
+    def _gpu_layers_for(self, llama_cpp: Any) -> int:
+        wanted = self.manifest.llamacpp.n_gpu_layers
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if wanted == "auto":
+            return -1 if offload else 0
+        if wanted != 0 and not offload:
+            raise BackendError(
+                f"llamacpp.n_gpu_layers is {wanted}, but this llama-cpp-python is a CPU-only build that cannot "
+                f"offload layers to a GPU. Set llamacpp.n_gpu_layers: 0 (or auto), or install the CUDA build: "
+                f"{PIP_CUDA_FIX}"
+            )
+        return int(wanted)
+
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        with self._load_lock:
+            if self._llm is not None:
+                return
+            llama_cpp = import_llama_cpp()
+            path = ensure_gguf(self.manifest, progress, allow_convert=self.allow_convert)
+            cfg = self.manifest.llamacpp
+            gpu_layers = self._gpu_layers_for(llama_cpp)
+            threads = cfg.n_threads or physical_cores()
+            flash = cfg.flash_attn == "on" or (
+                cfg.flash_attn == "auto" and (gpu_layers != 0 or cfg.kv_cache_type != "f16")
+            )
+            if cfg.kv_cache_type != "f16" and cfg.flash_attn == "off":
+                raise BackendError(
+                    f"llamacpp.kv_cache_type {cfg.kv_cache_type} needs flash attention: set llamacpp.flash_attn: "
+                    "auto (or on), or kv_cache_type: f16."
+                )
+            kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                       "q4_0": llama_cpp.GGML_TYPE_Q4_0}[cfg.kv_cache_type]
+            if progress is not None:
+                progress(LoadProgress(0.95, f"Loading {path.name} with llama.cpp…"))
+            with _LogCapture(llama_cpp) as capture:
+                try:
+                    llm = llama_cpp.Llama(
+                        model_path=str(path),
+                        n_gpu_layers=gpu_layers,
+                        n_ctx=cfg.n_ctx,
+                        n_batch=cfg.n_batch,
+                        n_ubatch=cfg.n_ubatch,
+                        n_threads=threads,
+                        n_threads_batch=threads,
+                        flash_attn=flash,
+                        type_k=kv_type,
+                        type_v=kv_type,
+                        verbose=False,
+                    )
+                except (ValueError, RuntimeError, OSError) as exc:
+                    said = capture.tail()
+                    raise BackendError(
+                        f"llama.cpp could not load {path}: {exc}"
+                        + (f" (llama.cpp says: {said})" if said else "")
+                        + ". If the file is truncated, copy or convert it again; if memory is short, lower "
+                        "llamacpp.n_ctx or use a smaller gguf_quant."
+                    ) from None
+            self._setup(llm, llama_cpp, path, gpu_layers, threads)
+            if progress is not None:
+                progress(LoadProgress(1.0, f"llama.cpp ready: {self.info().device}, {self._quant}"))
+
+    def _setup(self, llm: Any, llama_cpp: Any, path: Path, gpu_layers: int, threads: int) -> None:
+        import gguf
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        meta: dict[str, str] = dict(llm.metadata)
+        template_text = meta.get("tokenizer.chat_template")
+        if not template_text:
+            llm.close()
+            raise BackendError(
+                f"{path} has no chat template (tokenizer.chat_template). Convert the checkpoint again with "
+                "scripts/convert_to_gguf.py, which keeps it."
+            )
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(template_text)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        n_vocab = llm.n_vocab()
+
+        def token_text(i: int) -> str:
+            return llm.detokenize([i], special=True).decode("utf-8", "replace") if 0 <= i < n_vocab else ""
+
+        self._template_vars = {"bos_token": token_text(llm.token_bos()), "eos_token": token_text(llm.token_eos())}
+        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self.eos_token_ids = frozenset(i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        self.context_length = int(llm.n_ctx())
+        try:
+            self._quant = gguf.LlamaFileType(int(meta.get("general.file_type", "0"))).name
+            self._quant = self._quant.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            self._quant = f"file type {meta.get('general.file_type')}"
+        n_layers = int(meta.get("qwen2.block_count", "0") or 0)
+        self._gpu_layers = n_layers if gpu_layers < 0 else min(gpu_layers, n_layers or gpu_layers)
+        self._threads = threads
+        self._path = path
+        self._llm = llm
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    def info(self) -> BackendInfo:
+        m = self.manifest.model
+        if self._gpu_layers:
+            device = f"cuda ({self._gpu_layers} layers offloaded, {self._threads} CPU threads)"
+        else:
+            device = f"cpu ({self._threads} threads)"
+        return BackendInfo(
+            backend=self.name,
+            model_id=m.id,
+            model_path=str(self._path or m.path),
+            device=device if self._llm is not None else "not loaded",
+            dtype=self._quant,
+            context_length=self.context_length,
+            reason=getattr(self, "reason", ""),
+            extra={"n_gpu_layers": self._gpu_layers, "n_threads": self._threads, "gguf": str(self._path or "")},
+        )
+
+    def close(self) -> None:
+        self.cancel_all()
+        with self.exclusive():
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                llm.close()
+
+    # -- engine hooks ---------------------------------------------------------------------------
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise BackendError("The llama.cpp model is not loaded yet; call load() first.")
+        return self._llm
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        llm = self._require()
+        text = self._template.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            **self._template_vars,
+        )
+        return llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Invalid UTF-8 (a character split across tokens) becomes U+FFFD, which the driver's
+        # incremental detokenizer treats as "wait for the next token".
+        return self._require().detokenize(list(ids), special=True).decode("utf-8", "replace")
+
+    def decode_loop(self, ids: list[int], params: SamplingParams, max_tokens: int,
+                    on_token: Callable[[int], bool]) -> None:
+        llm = self._require()
+        if max_tokens <= 0:
+            return
+        llama_cpp = import_llama_cpp()
+        # generate() builds its sampler from this seed; the default seed means "random".
+        llm.set_seed(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        # reset=True lets generate() keep the KV cache of the longest common prefix (the second
+        # phase after a forced </think>, or a follow-up turn) and re-evaluate only the rest.
+        tokens = llm.generate(
+            ids,
+            temp=max(0.0, params.temperature),
+            top_p=params.top_p,
+            top_k=max(0, params.top_k),
+            min_p=0.0,
+            typical_p=1.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        produced = 0
+        try:
+            for token in tokens:
+                produced += 1
+                if on_token(int(token)) or produced >= max_tokens:
+                    return
+        finally:
+            tokens.close()
