@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import ProgressCallback
+from .checks import verify_sha256
 from .generation import EngineBackend
 from .gguf_source import ensure_gguf
 from .manifest import Manifest
@@ -154,6 +155,8 @@ class LlamaCppBackend(EngineBackend):
             if self._llm is not None:
                 return
             llama_cpp = import_llama_cpp()
+            if self.manifest.model.sha256:
+                verify_sha256(self.manifest.model.path, self.manifest.model.sha256)
             path = ensure_gguf(self.manifest, progress, allow_convert=self.allow_convert)
             cfg = self.manifest.llamacpp
             gpu_layers = self._gpu_layers_for(llama_cpp)
