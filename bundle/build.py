@@ -1,0 +1,227 @@
+"""``python -m bundle build``: the one-click tarball.
+
+Layout of ``dist/vibethinker-app-<version>-<target>.tar.gz`` (one top-level folder of that name):
+
+    1键推理.sh            the one-click script (from scripts/)
+    VERSION, BUNDLE.json  version; target, wheelhouse kind, build Python/platform
+    manifest.yaml         the app's configuration
+    backends/ ui/ bundle/ scripts/*.py   the app (no tests, caches, secrets)
+    requirements/*.txt    pinned from the build environment (bundle/requirements.py)
+    wheels/               optional wheelhouse for offline installs
+    models/<name>/        optional model files (manifest's model.path points there)
+    SHA256SUMS            every other file, sha256sum format
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .archive import SUMS_NAME, sha256_file, sums_text, write_tar_gz
+from .requirements import pinned_requirements, project_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT_NAME = "1键推理.sh"
+APP_PACKAGES = ("backends", "ui", "bundle")
+TOP_LEVEL_FILES = ("manifest.yaml", "pyproject.toml", "README.md", "LICENSE")
+_EXCLUDED_DIRS = {"__pycache__", ".git", ".venv", "dist", "build", "tests", ".pytest_cache", ".mypy_cache", "node_modules"}
+# Never ship what looks like a secret or a leftover.
+_EXCLUDED_NAME = re.compile(r"(^\.env.*|.*\.(pyc|pyo|log|partial|pem|key|crt|p12)$|^id_(rsa|ed25519).*|^\.DS_Store$|.*~$)")
+WHEELHOUSE_KINDS = ("none", "app", "full")
+
+
+class BuildError(RuntimeError):
+    """A bundle cannot be built; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    archive: Path
+    files: int
+    wheels: int
+
+
+def _app_files(root: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for package in APP_PACKAGES:
+        base = root / package
+        if not (base / "__init__.py").is_file():
+            raise BuildError(f"{base} is not a Python package (no __init__.py): the bundle needs it.")
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith("."))
+            for name in filenames:
+                if not _EXCLUDED_NAME.match(name):
+                    path = Path(dirpath) / name
+                    files[path.relative_to(root).as_posix()] = path
+    for path in sorted((root / "scripts").glob("*.py")):
+        files[f"scripts/{path.name}"] = path
+    for name in TOP_LEVEL_FILES:
+        if (root / name).is_file():
+            files[name] = root / name
+    script = root / "scripts" / SCRIPT_NAME
+    if not script.is_file():
+        raise BuildError(f"{script} is missing: the bundle's entry point is copied from there.")
+    files[SCRIPT_NAME] = script
+    return files
+
+
+def _model_files(model: Path) -> tuple[str, dict[str, Path]]:
+    """Files of ``--with-model`` under models/<name>/ and that folder's relative path."""
+    if not model.exists():
+        raise BuildError(f"--with-model {model}: no such file or folder.")
+    if model.is_file():
+        if model.suffix != ".gguf":
+            raise BuildError(f"--with-model {model}: a single file must be a .gguf; pass the folder of an HF checkpoint.")
+        folder = f"models/{model.stem}"
+        return folder, {f"{folder}/{model.name}": model}
+    folder = f"models/{model.name}"
+    files = {
+        f"{folder}/{p.relative_to(model).as_posix()}": p
+        for p in sorted(model.rglob("*"))
+        if p.is_file() and not _EXCLUDED_NAME.match(p.name) and not (set(p.relative_to(model).parts) & _EXCLUDED_DIRS)
+    }
+    if not files:
+        raise BuildError(f"--with-model {model}: the folder is empty.")
+    return folder, files
+
+
+def _point_manifest_at(text: str, model_folder: str) -> str:
+    """Rewrite ``model.path`` in manifest.yaml (keeping its comments) to the bundled model."""
+    section = re.search(r"^model:[^\n]*\n", text, re.M)
+    if section is None:
+        return text + f"\nmodel:\n  path: {model_folder}\n"
+    head, tail = text[: section.end()], text[section.end() :]
+    new_tail, count = re.subn(r"^(  path:)[^\n#]*", rf"\g<1> {model_folder} ", tail, count=1, flags=re.M)
+    if count == 0:
+        new_tail = f"  path: {model_folder}\n" + tail
+    return head + new_tail
+
+
+def _source_date(root: Path) -> int:
+    if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    try:
+        out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%ct"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip().isdigit():
+            return int(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return 1_700_000_000
+
+
+def _nvcc_works() -> bool:
+    try:
+        return subprocess.run(["nvcc", "--version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _pip_wheel(args: list[str], wheel_dir: Path, env: dict[str, str] | None = None) -> None:
+    cmd = [sys.executable, "-m", "pip", "wheel", "--wheel-dir", str(wheel_dir), *args]
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:
+        raise BuildError(
+            f"pip wheel failed (exit {done.returncode}) for {' '.join(args)}: see pip's output above. "
+            "Fix the index (PIP_INDEX_URL) or build without --wheelhouse."
+        )
+
+
+def _wheelhouse(kind: str, target: str, req_dir: Path, wheel_dir: Path, has_llama: bool) -> str:
+    """Fill ``wheel_dir``; returns how llama-cpp-python was included: cpu | cuda | none."""
+    reqs = ["-r", str(req_dir / "bootstrap.txt"), "-r", str(req_dir / "base.txt")]
+    if kind == "full":
+        reqs += ["-r", str(req_dir / f"torch-{target}.txt")]
+    _pip_wheel(reqs, wheel_dir)
+    if not has_llama:
+        return "none"
+    llama_req = ["-r", str(req_dir / "llamacpp.txt")]
+    if target == "cpu":
+        # pip's cache holds the CPU build made when the build environment was installed.
+        _pip_wheel(llama_req, wheel_dir)
+        return "cpu"
+    if _nvcc_works():
+        env = {**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on", "FORCE_CMAKE": "1"}
+        # No cache: a cached wheel would be the CPU build (the cache key ignores CMAKE_ARGS).
+        _pip_wheel([*llama_req, "--no-cache-dir", "--no-binary", "llama-cpp-python"], wheel_dir, env)
+        return "cuda"
+    print(
+        "warning: no nvcc + GPU here, so the cuda wheelhouse has no llama-cpp-python; the notebook builds it "
+        "(needs its index and nvcc) / 本机无法编译 CUDA 版 llama-cpp-python, 将在 Notebook 上编译",
+        file=sys.stderr,
+    )
+    return "none"
+
+
+def build(
+    target: str = "cpu",
+    out_dir: Path = Path("dist"),
+    wheelhouse: str = "none",
+    with_model: Path | None = None,
+    root: Path = ROOT,
+) -> BuildResult:
+    if target not in ("cpu", "cuda"):
+        raise BuildError(f"--target {target!r}: choose cpu or cuda.")
+    if wheelhouse not in WHEELHOUSE_KINDS:
+        raise BuildError(f"--wheelhouse {wheelhouse!r}: choose one of {', '.join(WHEELHOUSE_KINDS)}.")
+    project = project_metadata(root)
+    version = project["version"]
+    name = f"vibethinker-app-{version}-{target}"
+    files = _app_files(root)
+    pins = pinned_requirements(root)
+
+    with tempfile.TemporaryDirectory(prefix="vt-bundle-") as tmp_name:
+        tmp = Path(tmp_name)
+        generated: dict[str, str] = {f"requirements/{n}": text for n, text in pins.files.items()}
+        generated["VERSION"] = version + "\n"
+        model_folder = None
+        if with_model is not None:
+            model_folder, model_files = _model_files(with_model.resolve())
+            files.update(model_files)
+            generated["manifest.yaml"] = _point_manifest_at((root / "manifest.yaml").read_text(encoding="utf-8"), model_folder)
+        for rel, text in generated.items():
+            path = tmp / "gen" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            files[rel] = path
+
+        llama_wheel = "none"
+        if wheelhouse != "none":
+            wheel_dir = tmp / "wheels"
+            wheel_dir.mkdir()
+            llama_wheel = _wheelhouse(wheelhouse, target, tmp / "gen" / "requirements", wheel_dir, pins.llamacpp_version is not None)
+            for wheel in sorted(wheel_dir.iterdir()):
+                files[f"wheels/{wheel.name}"] = wheel
+
+        info = {
+            "name": "vibethinker-app",
+            "version": version,
+            "target": target,
+            "wheelhouse": wheelhouse,
+            "llamacpp_wheel": llama_wheel,
+            "torch": pins.torch_version,
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "platform": sysconfig.get_platform(),
+            "machine": platform.machine(),
+            "model": model_folder,
+        }
+        info_path = tmp / "gen" / "BUNDLE.json"
+        info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        files["BUNDLE.json"] = info_path
+
+        digests = {rel: sha256_file(src) for rel, src in files.items()}
+        sums_path = tmp / "gen" / SUMS_NAME
+        sums_path.write_text(sums_text(digests), encoding="utf-8")
+        entries = [(rel, src, rel == SCRIPT_NAME or rel.endswith(".sh")) for rel, src in files.items()]
+        entries.append((SUMS_NAME, sums_path, False))
+        archive = Path(out_dir).resolve() / f"{name}.tar.gz"
+        write_tar_gz(archive, name, entries, _source_date(root))
+        wheels = sum(1 for rel in files if rel.startswith("wheels/"))
+        return BuildResult(archive=archive, files=len(entries), wheels=wheels)
