@@ -1,0 +1,71 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Each app gets its own registry so that several apps in one process (tests) do not collide.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from backends import Usage
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vibethinker_requests",
+            "Finished generations by entry point (page, api) and finish reason "
+            "(stop, length, budget, loop, cancelled, error).",
+            ["source", "finish_reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "vibethinker_tokens", "Tokens processed, by kind (prompt, reasoning, answer).", ["kind"], registry=r
+        )
+        self.ttft = Histogram(
+            "vibethinker_time_to_first_token_seconds",
+            "Time from the start of generation to the first generated token.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.decode_speed = Histogram(
+            "vibethinker_decode_tokens_per_second",
+            "Decode speed of each finished generation.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.errors = Counter(
+            "vibethinker_errors",
+            "Refused or failed requests by kind (queue_full, not_ready, invalid_request, auth, "
+            "model_not_found, backend).",
+            ["kind"],
+            registry=r,
+        )
+        self.queue_waiting = Gauge("vibethinker_queue_waiting", "Requests waiting for the model.", registry=r)
+        self.running = Gauge("vibethinker_requests_running", "Generations running now.", registry=r)
+        self.ready = Gauge("vibethinker_model_ready", "1 when the model is loaded and serving.", registry=r)
+
+    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]) -> None:
+        """Read live values at scrape time instead of tracking them by hand."""
+        self.queue_waiting.set_function(waiting)
+        self.running.set_function(running)
+        self.ready.set_function(ready)
+
+    def record(self, source: str, usage: Usage) -> None:
+        self.requests.labels(source=source, finish_reason=usage.finish_reason.value).inc()
+        self.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(kind="reasoning").inc(usage.reasoning_tokens)
+        self.tokens.labels(kind="answer").inc(usage.answer_tokens)
+        if usage.time_to_first_token_s is not None:
+            self.ttft.observe(usage.time_to_first_token_s)
+        if usage.decode_tokens_per_s:
+            self.decode_speed.observe(usage.decode_tokens_per_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
