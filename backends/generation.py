@@ -127,7 +127,7 @@ class _Reply:
         self.max_new = max_new
         self.prompt_tokens = len(prompt_ids)
         self.generated: list[int] = []
-        tail = backend.decode(prompt_ids[-4:]) if prompt_ids else ""
+        tail = backend.decode(prompt_ids[-16:]) if prompt_ids else ""
         self.splitter = ThinkSplitter(starts_in_reasoning=tail.rstrip().endswith("<think>"))
         self.detok = IncrementalDetokenizer(backend.decode, prompt_ids)
         guard = backend.manifest.generation.loop_guard
