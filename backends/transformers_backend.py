@@ -132,13 +132,19 @@ class TransformersBackend(EngineBackend):
                 # transformers' own default too, stated so that a pickle is never run as code.
                 weights_only=True,
             )
-        except (ImportError, ValueError) as exc:
-            if "flash_attn" in str(exc) or "flash_attention" in str(exc):
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            if "flash_attn" in text or "flash_attention" in text:
                 raise BackendError(
                     f"attn_implementation flash_attention_2 is not usable here ({exc}); set "
                     f"transformers.attn_implementation: sdpa in manifest.yaml."
                 ) from exc
-            raise BackendError(f"Cannot load the model from {folder.path}: {type(exc).__name__}: {exc}") from exc
+            if folder.pickle_weights and not use_safetensors:
+                raise BackendError(
+                    f"Cannot load the pickle weights in {folder.path} safely ({text}); torch.load(weights_only=True) "
+                    f"refuses anything but plain tensors. Convert the checkpoint to *.safetensors."
+                ) from exc
+            raise BackendError(f"Cannot load the model from {folder.path}: {text}") from exc
         report(0.8, f"moving the model to {device} / 移动到 {device}")
         model = model.to(device)
         model.eval()
