@@ -1,0 +1,192 @@
+"""python -m bundle build / verify: contents, sums, reproducibility, tamper detection."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bundle.archive import parse_sums, verify_archive, verify_folder
+from bundle.build import BuildError, build
+
+ROOT = Path(__file__).resolve().parent.parent
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def cpu_archive(tmp_path_factory) -> Path:
+    return build(target="cpu", out_dir=tmp_path_factory.mktemp("dist")).archive
+
+
+def _members(archive: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(archive) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def _read(archive: Path, name: str) -> bytes:
+    with tarfile.open(archive) as tar:
+        fh = tar.extractfile(name)
+        assert fh is not None
+        return fh.read()
+
+
+def _rewrite(src: Path, dst: Path, change: dict[str, bytes | None], add: dict[str, bytes] | None = None) -> None:
+    """Copy an archive, replacing (bytes) or dropping (None) members, optionally adding some."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w:gz") as tout:
+        for m in tin.getmembers():
+            if m.name in change:
+                if change[m.name] is None:
+                    continue
+                data = change[m.name]
+                m.size = len(data)
+                tout.addfile(m, io.BytesIO(data))
+            else:
+                tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+        for name, data in (add or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def test_archive_name_layout_and_exclusions(cpu_archive: Path) -> None:
+    root = f"vibethinker-app-{VERSION}-cpu"
+    assert cpu_archive.name == f"{root}.tar.gz"
+    members = _members(cpu_archive)
+    names = set(members)
+    assert all(n == root or n.startswith(root + "/") for n in names)
+    rel = {n[len(root) + 1 :] for n in names if n != root}
+    for required in ("1键推理.sh", "manifest.yaml", "VERSION", "BUNDLE.json", "SHA256SUMS",
+                     "backends/manifest.py", "ui/__main__.py", "bundle/oneclick.py", "bundle/resolve.py",
+                     "requirements/base.txt", "requirements/bootstrap.txt", "requirements/torch-cpu.txt",
+                     "requirements/torch-cuda.txt", "requirements/llamacpp.txt"):
+        assert required in rel, required
+    forbidden = [r for r in rel if r.startswith(("tests/", ".git", ".venv", "dist/")) or "__pycache__" in r
+                 or r.endswith((".pyc", ".log")) or "/.env" in r]
+    assert forbidden == []
+    script = members[f"{root}/1键推理.sh"]
+    assert script.mode & 0o111, "the one-click script must be executable"
+    assert _read(cpu_archive, f"{root}/1键推理.sh") == (ROOT / "scripts" / "1键推理.sh").read_bytes()
+    assert all(m.uid == 0 and m.gid == 0 and m.uname == "" for m in members.values())
+    assert _read(cpu_archive, f"{root}/VERSION").decode().strip() == VERSION
+    info = json.loads(_read(cpu_archive, f"{root}/BUNDLE.json"))
+    assert info["target"] == "cpu" and info["version"] == VERSION and info["wheelhouse"] == "none"
+
+
+def test_requirements_are_pinned_per_target(cpu_archive: Path) -> None:
+    root = f"vibethinker-app-{VERSION}-cpu"
+    base = _read(cpu_archive, f"{root}/requirements/base.txt").decode()
+    pins = [line for line in base.splitlines() if line and not line.startswith("#")]
+    assert pins and all("==" in line for line in pins)
+    names = {line.split("==")[0] for line in pins}
+    assert {"gradio", "transformers", "pydantic", "pyyaml"} <= names
+    assert "torch" not in names and "llama-cpp-python" not in names
+    torch_cpu = _read(cpu_archive, f"{root}/requirements/torch-cpu.txt").decode()
+    assert "+cpu" in torch_cpu and "download.pytorch.org/whl/cpu" in torch_cpu
+    torch_cuda = _read(cpu_archive, f"{root}/requirements/torch-cuda.txt").decode()
+    assert "torch==" in torch_cuda and "+cpu" not in torch_cuda
+
+
+def test_sums_cover_every_file(cpu_archive: Path) -> None:
+    root = f"vibethinker-app-{VERSION}-cpu"
+    sums = parse_sums(_read(cpu_archive, f"{root}/SHA256SUMS").decode())
+    files = {n[len(root) + 1 :] for n, m in _members(cpu_archive).items() if m.isfile()}
+    assert set(sums) == files - {"SHA256SUMS"}
+    for name in ("1键推理.sh", "manifest.yaml"):
+        assert sums[name] == hashlib.sha256(_read(cpu_archive, f"{root}/{name}")).hexdigest()
+    report = verify_archive(cpu_archive)
+    assert report.ok and report.checked == len(sums)
+
+
+def test_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a = build(target="cpu", out_dir=tmp_path / "a").archive
+    b = build(target="cpu", out_dir=tmp_path / "b").archive
+    assert a.read_bytes() == b.read_bytes()
+    with gzip.open(a) as fh:
+        fh.read(1)
+    assert all(m.mtime == 1700000000 for m in _members(a).values())
+
+
+def test_verify_reports_changed_missing_and_extra_files(cpu_archive: Path, tmp_path: Path) -> None:
+    root = f"vibethinker-app-{VERSION}-cpu"
+    tampered = tmp_path / "tampered.tar.gz"
+    original = _read(cpu_archive, f"{root}/manifest.yaml")
+    _rewrite(
+        cpu_archive,
+        tampered,
+        {f"{root}/manifest.yaml": original.replace(b"port: 8080", b"port: 9090"), f"{root}/VERSION": None},
+        add={f"{root}/ui/evil.py": b"import os\n"},
+    )
+    report = verify_archive(tampered)
+    assert not report.ok
+    assert report.changed == ["manifest.yaml"]
+    assert report.missing == ["VERSION"]
+    assert report.extra == ["ui/evil.py"]
+    text = report.render(str(tampered))
+    assert "changed / 被修改: manifest.yaml" in text and "missing / 缺失: VERSION" in text and "ui/evil.py" in text
+
+    # The CLI says the same and exits 1; a good archive exits 0.
+    bad = subprocess.run([sys.executable, "-m", "bundle", "verify", str(tampered)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "FAILED" in bad.stdout and "manifest.yaml" in bad.stdout
+    good = subprocess.run([sys.executable, "-m", "bundle", "verify", str(cpu_archive)], cwd=ROOT, capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.startswith("OK")
+
+
+def test_verify_rejects_unsafe_members_and_non_archives(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    report = verify_archive(evil)
+    assert not report.ok and any("unsafe path" in p for p in report.problems)
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tarball")
+    assert any("cannot read" in p for p in verify_archive(junk).problems)
+
+
+def test_verify_extracted_folder(cpu_archive: Path, tmp_path: Path) -> None:
+    with tarfile.open(cpu_archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = tmp_path / f"vibethinker-app-{VERSION}-cpu"
+    (folder / "logs").mkdir()  # created by 1键推理.sh at run time: ignored
+    (folder / "logs" / "server.log").write_text("x")
+    assert verify_folder(folder, ignore=("logs",)).ok
+    (folder / "ui" / "__main__.py").write_text("tampered\n")
+    report = verify_folder(folder, ignore=("logs",))
+    assert report.changed == ["ui/__main__.py"]
+
+
+def test_with_model_packs_files_and_points_manifest(tiny_model_dir: Path, tmp_path: Path) -> None:
+    archive = build(target="cpu", out_dir=tmp_path, with_model=tiny_model_dir).archive
+    root = f"vibethinker-app-{VERSION}-cpu"
+    rel = {n[len(root) + 1 :] for n in _members(archive)}
+    assert f"models/{tiny_model_dir.name}/config.json" in rel
+    assert f"models/{tiny_model_dir.name}/model.safetensors" in rel
+    manifest = _read(archive, f"{root}/manifest.yaml").decode()
+    import yaml
+
+    assert yaml.safe_load(manifest)["model"]["path"] == f"models/{tiny_model_dir.name}"
+    assert "# 模型文件夹" in manifest, "comments of the manifest are kept"
+    assert json.loads(_read(archive, f"{root}/BUNDLE.json"))["model"] == f"models/{tiny_model_dir.name}"
+    assert verify_archive(archive).ok
+
+
+def test_bad_build_inputs(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="no such file or folder"):
+        build(target="cpu", out_dir=tmp_path, with_model=tmp_path / "nope")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(BuildError, match="must be a .gguf"):
+        build(target="cpu", out_dir=tmp_path, with_model=tmp_path / "weights.bin")
+    with pytest.raises(BuildError, match="choose cpu or cuda"):
+        build(target="tpu", out_dir=tmp_path)
+    cli = subprocess.run([sys.executable, "-m", "bundle", "verify", str(tmp_path / "missing.tar.gz")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 2 and "no such file" in cli.stderr
