@@ -109,15 +109,20 @@ def status_banner(lang: Lang, host: ModelHost) -> str:
              dtype=info.dtype, context=info.context_length, reason=f" · {info.reason}" if info.reason else "")
 
 
-def _int_setting(value: Any, name: str, minimum: int, lang: Lang, allow_empty: bool = False) -> int | None:
+def _int_setting(value: Any, name: str, minimum: int, lang: Lang) -> int:
     if value is None or value == "":
-        if allow_empty:
-            return None
         raise gr.Error(t(lang, "bad_setting", name=name, rule=f"≥ {minimum}"))
     number = int(value)
     if number < minimum:
         raise gr.Error(t(lang, "bad_setting", name=name, rule=f"≥ {minimum}"))
     return number
+
+
+def _seed(value: Any) -> int | None:
+    """-1 (or empty) = a random seed each time."""
+    if value is None or value == "" or int(value) < 0:
+        return None
+    return int(value)
 
 
 class ChatSessions:
@@ -165,7 +170,7 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
             top_p=float(top_p),
             top_k=_int_setting(top_k, "top_k", 0, lang),
             max_new_tokens=_int_setting(max_new_tokens, "max_new_tokens", 1, lang),
-            seed=_int_setting(seed, "seed", 0, lang, allow_empty=True),
+            seed=_seed(seed),
         )
         budget = _int_setting(thinking_budget, "thinking_budget", 0, lang)
         params = dataclasses.replace(params, thinking_budget=budget or None)
@@ -305,7 +310,7 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
                                                label=i18n("max_new_tokens"), elem_id="vt-max-new-tokens")
                     thinking_budget = gr.Number(value=gen.thinking_budget, precision=0, minimum=0,
                                                 label=i18n("thinking_budget"), elem_id="vt-thinking-budget")
-                    seed = gr.Number(value=gen.seed, precision=0, label=i18n("seed"), elem_id="vt-seed")
+                    seed = gr.Number(value=gen.seed if gen.seed is not None else -1, precision=0, minimum=-1, label=i18n("seed"), elem_id="vt-seed")
 
         inputs = [question, chatbot, turns, system, temperature, top_p, top_k, max_new_tokens, thinking_budget,
                   seed]

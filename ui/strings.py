@@ -52,7 +52,7 @@ EN: dict[str, str] = {
     "top_k": "Top-k (0 = off, as the model card recommends)",
     "max_new_tokens": "Max new tokens (thinking + answer)",
     "thinking_budget": "Thinking budget in tokens (0 = unlimited)",
-    "seed": "Seed (empty = random)",
+    "seed": "Seed (-1 = random)",
     "chat": "Conversation",
 }
 
@@ -78,7 +78,7 @@ ZH: dict[str, str] = {
     "top_k": "Top-k（0 = 关闭，模型卡推荐）",
     "max_new_tokens": "最大生成 token 数（思考 + 回答）",
     "thinking_budget": "思考预算 token 数（0 = 不限）",
-    "seed": "随机种子（留空 = 随机）",
+    "seed": "随机种子（-1 = 随机）",
     "chat": "对话",
 }
 
