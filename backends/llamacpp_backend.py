@@ -100,10 +100,14 @@ class _LogCapture:
 
     def __enter__(self) -> _LogCapture:
         lines = self.lines
+        keep = [False]
 
         @self._llama_cpp.llama_log_callback
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level in (2, 3):  # warnings and errors
+            # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+            if level != 5:
+                keep[0] = level in (3, 4)
+            if keep[0]:
                 lines.append(text.decode("utf-8", "replace").rstrip())
 
         self._callback = callback  # keep a reference: ctypes must not free it while installed
@@ -190,11 +194,15 @@ class LlamaCppBackend(EngineBackend):
                     )
                 except (ValueError, RuntimeError, OSError) as exc:
                     said = capture.tail()
+                    if "context" in str(exc):
+                        fix = ("the model loaded but its context could not be created: lower llamacpp.n_ctx "
+                               "(memory), or change llamacpp.kv_cache_type / flash_attn")
+                    else:
+                        fix = "the file may be corrupt or truncated: copy or convert it again"
                     raise BackendError(
                         f"llama.cpp could not load {path}: {exc}"
                         + (f" (llama.cpp says: {said})" if said else "")
-                        + ". If the file is truncated, copy or convert it again; if memory is short, lower "
-                        "llamacpp.n_ctx or use a smaller gguf_quant."
+                        + f"; {fix}."
                     ) from None
             self._setup(llm, llama_cpp, path, gpu_layers, threads)
             if progress is not None:
