@@ -138,6 +138,7 @@ class _Reply:
         self.reasoning_tokens = 0
         self.answer_tokens = 0
         self._undecided = 0  # tokens seen before we know whether the reply thinks
+        self.sampled = 0  # tokens the model produced (the injected closing text is not counted)
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.emitted = False
@@ -197,6 +198,7 @@ class _Reply:
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
+        self.sampled += 1
         self.add_token(token)
         if self.loops is not None:
             loop = self.loops.push(token)
@@ -222,10 +224,10 @@ class _Reply:
     def usage(self, reason: FinishReason, detail: str) -> Usage:
         end = time.perf_counter()
         rate = None
-        if self.first_token_at is not None and self.last_token_at is not None and len(self.generated) > 1:
+        if self.first_token_at is not None and self.last_token_at is not None and self.sampled > 1:
             span = self.last_token_at - self.first_token_at
             if span > 0:
-                rate = (len(self.generated) - 1) / span
+                rate = (self.sampled - 1) / span
         return Usage(
             prompt_tokens=self.prompt_tokens,
             reasoning_tokens=self.reasoning_tokens,

@@ -246,7 +246,8 @@ class TransformersBackend(EngineBackend):
             # A static cache has a fixed size; reuse it only when it already ends at our prefix
             # (the budget/loop phase boundary) and the new tokens still fit.
             capacity = int(cache.get_max_length())
-            if common < cached_len or (capacity > 0 and len(ids) + max_tokens > capacity):
+            # The last sampled token never needs a slot, hence the - 1.
+            if common < cached_len or (capacity > 0 and len(ids) + max_tokens - 1 > capacity):
                 return None
         elif common < cached_len:
             if not cache.is_croppable:

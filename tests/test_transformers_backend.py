@@ -316,3 +316,40 @@ def test_gguf_folder_given_to_transformers(tmp_path):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(BackendError, match="does not exist.*config.json"):
         TransformersBackend(make_manifest(tmp_path / "nowhere")).load()
+
+
+def test_kv_cache_prefix_is_reused_across_requests(backend):
+    ask(backend, **GREEDY)
+    backend.forward_lengths.clear()
+    backend.loop_starts.clear()
+    _, _, last, _ = ask(backend, **GREEDY)  # same prompt: only its last token is evaluated again
+    assert backend.forward_lengths[0] == 1 and last.boxed_answer == "4"
+    backend.forward_lengths.clear()
+    _, _, other, _ = ask(backend, "What is 3+5?", **GREEDY)  # shares the system prompt only
+    assert 1 < backend.forward_lengths[0] < other.usage.prompt_tokens
+    assert other.boxed_answer == "8"
+
+
+class StaticCacheBackend(CountingBackend):
+    """The CUDA static-cache code path, exercised on the CPU (StaticCache works there too)."""
+
+    def _cache_mode(self) -> str:
+        return "static"
+
+
+def test_static_cache_path_matches_and_reuses_at_the_phase_boundary(tiny_model_dir, backend):
+    from transformers import StaticCache
+
+    b = StaticCacheBackend(make_manifest(tiny_model_dir, transformers={"cache": "static"}))
+    b.load()
+    try:
+        assert ask(b, **GREEDY)[:2] == ask(backend, **GREEDY)[:2]
+        assert isinstance(b._cache, StaticCache)
+        b.forward_lengths.clear()
+        b.loop_starts.clear()
+        reasoning, answer, last, _ = ask(b, **GREEDY, thinking_budget=5)
+        assert last.usage.finish_reason == FinishReason.BUDGET and "\\boxed{" in answer
+        assert (reasoning, answer) == ask(backend, **GREEDY, thinking_budget=5)[:2]
+        assert b.forward_lengths[b.loop_starts[1]] < last.usage.prompt_tokens
+    finally:
+        b.close()
