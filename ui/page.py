@@ -67,8 +67,29 @@ def thinking_message(lang: Lang, reasoning: str, done: bool, seconds: float, tok
     return gr.ChatMessage(role="assistant", content=content, metadata=metadata)  # type: ignore[arg-type]
 
 
+def wrap_bare_boxed(text: str) -> str:
+    """``\\boxed{4}`` written outside any maths delimiters would show as raw text: make it maths.
+    Only done when the text has no delimiters at all, so real LaTeX is never touched."""
+    if any(d in text for d in ("$", "\\(", "\\[")) or "\\boxed{" not in text:
+        return text
+    out, i = [], 0
+    while (start := text.find("\\boxed{", i)) != -1:
+        depth, j = 0, start + len("\\boxed")
+        while j < len(text):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        if depth != 0:  # unbalanced (still streaming): leave the rest as is
+            break
+        out.append(text[i:start] + "$" + text[start:j] + "$")
+        i = j
+    out.append(text[i:])
+    return "".join(out)
+
+
 def answer_message(lang: Lang, answer: str, boxed: str | None) -> gr.ChatMessage:
-    text = answer.strip()
+    text = wrap_bare_boxed(answer.strip())
     if boxed:
         text += f'\n\n<div class="vt-final"><b>{t(lang, "final_answer")}:</b> $\\boxed{{{boxed}}}$</div>'
     return gr.ChatMessage(role="assistant", content=text)
@@ -90,7 +111,7 @@ def stats_line(lang: Lang, host: ModelHost, usage: Usage) -> str:
         speed=f"{usage.decode_tokens_per_s:.1f}" if usage.decode_tokens_per_s else "-",
         finish=t(lang, f"finish_{usage.finish_reason.value}"),
     )
-    if usage.detail:
+    if usage.detail and usage.detail != usage.finish_reason.value:
         line += f" ({usage.detail})"
     return line
 
