@@ -178,9 +178,11 @@ def gpu_info() -> tuple[bool, str]:
 
 
 def nvcc_info() -> tuple[bool, str]:
-    exe = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    # CMake's CUDA detection looks on PATH, then in CUDA_HOME (default /usr/local/cuda).
+    cuda_home = Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda")
+    exe = shutil.which("nvcc") or (str(cuda_home / "bin" / "nvcc") if (cuda_home / "bin" / "nvcc").exists() else None)
     if not exe:
-        return False, "nvcc not found (CUDA toolkit)"
+        return False, f"nvcc not found (CUDA toolkit; looked on PATH and in {cuda_home}/bin)"
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:

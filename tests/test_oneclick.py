@@ -1,0 +1,415 @@
+"""End to end: build the tarball, extract it into an empty folder, run 1键推理.sh as a user would.
+
+The "platform Python" (VT_PYTHON) is this test run's own interpreter, which already has torch,
+gradio, transformers ...: the script's venv reuses it through its .pth (as on a ModelArts image
+with torch), so nothing is downloaded or compiled. The offline variant gives the script a platform
+that has ONLY torch and a bundle with a wheelhouse, and a pip index that does not answer: the app's
+packages must come from wheels/. Every bad input the script knows is reproduced and its message
+checked. Every server the script starts is stopped in a finally.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bundle.build import build
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = "1键推理.sh"
+QUESTION = "What is 2+2?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _closed_port() -> int:
+    # Bound-then-closed: nothing listens there, connections are refused at once.
+    return _free_port()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VT_") and k not in ("PYTHONPATH", "HF_ENDPOINT")}
+    env.update(VT_PYTHON=sys.executable, VT_START_TIMEOUT="600", VT_FAKE_NO_GPU="1", HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def _run(app: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(app / SCRIPT), *args], cwd=app, env=env or _env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    assert not any(dest.iterdir()), "extract into an empty folder"
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    (app,) = list(dest.iterdir())
+    return app
+
+
+def _server_pid(app: Path) -> int | None:
+    try:
+        return int(json.loads((app / "run" / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _force_stop(app: Path) -> None:
+    """Whatever happened in the test: stop the script's server (stop, then SIGKILL as a last resort)."""
+    try:
+        _run(app, "stop", timeout=150)
+    except subprocess.TimeoutExpired:
+        pass
+    pid = _server_pid(app)
+    if pid:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return
+        if b"serve" in cmd:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _ask(url: str) -> tuple[int, str]:
+    """Ask through the page's own API (/chat, as the browser does); return (stream updates, final text)."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    job = client.submit(QUESTION, api_name="/chat")
+    updates = sum(1 for _ in job)
+    history = job.result()[0]
+    text = json.dumps(history, ensure_ascii=False)
+    return updates, text
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return build(target="cpu", out_dir=tmp_path_factory.mktemp("dist")).archive
+
+
+@pytest.fixture(scope="module")
+def shared_app(archive: Path, tmp_path_factory) -> Iterator[Path]:
+    """One extracted bundle for the bad-input checks (its venv is made once)."""
+    app = _extract(archive, tmp_path_factory.mktemp("shared-app"))
+    yield app
+    _force_stop(app)
+
+
+# ------------------------------------------------------------------------------------------------
+# the journey
+
+
+def test_oneclick_end_to_end(archive: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    app = _extract(archive, tmp_path / "extracted")
+    port = _free_port()
+    try:
+        first = _run(app, "--daemon", "--backend", "transformers", "--model", str(tiny_model_dir),
+                     "--host", "127.0.0.1", "--port", str(port))
+        out = first.stdout
+        assert first.returncode == 0, out
+        assert "复用平台自带 torch" in out and "reusing the platform's torch" in out, out
+        assert "服务已就绪 / Server ready" in out and f"http://127.0.0.1:{port}" in out, out
+        assert "网页推理" in out
+        assert "/health → 200" in out
+
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert health.status_code == 200 and health.json() == {"health": "true"}
+        pid = _server_pid(app)
+        assert pid and Path(f"/proc/{pid}/cwd").resolve() == app.resolve(), "the server runs from the extracted folder"
+
+        updates, text = _ask(f"http://127.0.0.1:{port}/")
+        assert updates >= 2, "the answer streams"
+        assert "\\\\boxed{4}" in text, text
+
+        status = _run(app, "status")
+        assert status.returncode == 0 and "running" in status.stdout and "ready" in status.stdout, status.stdout
+
+        stop = _run(app, "stop")
+        assert stop.returncode == 0 and "已停止 / stopped" in stop.stdout, stop.stdout
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert _run(app, "status").returncode == 3
+
+        # Second run: install skipped; the port now comes from VT_PORT (env passes through to the app).
+        port2 = _free_port()
+        second = _run(app, "--daemon", "--backend", "transformers", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
+                      env=_env(VT_PORT=str(port2)))
+        assert second.returncode == 0, second.stdout
+        assert "跳过安装 / dependencies already installed, skipping install" in second.stdout
+        assert "venv created" not in second.stdout
+        assert httpx.get(f"http://127.0.0.1:{port2}/health", timeout=10).status_code == 200
+        assert _run(app, "stop").returncode == 0
+
+        # Foreground (the default): the script execs the server, so SIGTERM reaches it and it drains and exits.
+        port3 = _free_port()
+        proc = subprocess.Popen(["bash", str(app / SCRIPT), "--backend", "transformers", "--model", str(tiny_model_dir),
+                                 "--host", "127.0.0.1", "--port", str(port3)], cwd=app, env=_env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "服务已就绪" in line:
+                    break
+            assert any("服务已就绪" in line for line in lines), "".join(lines)
+            assert _server_pid(app) == proc.pid, "exec: the server has the script's pid"
+            assert httpx.get(f"http://127.0.0.1:{port3}/health", timeout=10).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        _force_stop(app)
+
+
+def _torch_only_platform(root: Path) -> Path:
+    """A Python whose site has torch and what torch needs, nothing else (like a bare image with torch)."""
+    from packaging.requirements import Requirement
+
+    site_dir = root / "torch-site"
+    site_dir.mkdir(parents=True)
+    seen: set[str] = set()
+    todo = ["torch"]
+    while todo:
+        name = todo.pop()
+        dist = metadata.distribution(name)
+        key = dist.metadata["Name"].lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for entry in tops - {"__pycache__"}:
+            src = Path(dist.locate_file(entry))
+            if src.exists() and not (site_dir / entry).exists():
+                (site_dir / entry).symlink_to(src)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "platform")], check=True)
+    (plat_site,) = (root / "platform").glob("lib/python3*/site-packages")
+    (plat_site / "torch_only.pth").write_text(f"import site; site.addsitedir({str(site_dir)!r})\n")
+    python = root / "platform" / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import torch, importlib.util as u; "
+                            "print(torch.__version__, u.find_spec('gradio') is None, u.find_spec('yaml') is None)"],
+                           capture_output=True, text=True, env=_env())
+    assert probe.returncode == 0 and probe.stdout.split()[1:] == ["True", "True"], probe.stdout + probe.stderr
+    return python
+
+
+def test_oneclick_offline_from_wheelhouse(tiny_model_dir: Path, tmp_path: Path) -> None:
+    archive = build(target="cpu", out_dir=tmp_path / "dist", wheelhouse="app").archive
+    app = _extract(archive, tmp_path / "extracted")
+    assert any((app / "wheels").glob("gradio-*.whl"))
+    platform_python = _torch_only_platform(tmp_path)
+    port = _free_port()
+    # No index at all: a closed port, no find-links, no pip configuration files.
+    env = _env(VT_PYTHON=str(platform_python), PIP_INDEX_URL=f"http://127.0.0.1:{_closed_port()}/simple",
+               PIP_CONFIG_FILE=os.devnull)
+    env.pop("PIP_FIND_LINKS", None)
+    env.pop("PIP_EXTRA_INDEX_URL", None)
+    try:
+        run = _run(app, "--daemon", "--offline", "--backend", "transformers", "--model", str(tiny_model_dir),
+                   "--host", "127.0.0.1", "--port", str(port), env=env)
+        out = run.stdout
+        assert run.returncode == 0, out
+        assert "reusing the platform's torch" in out
+        assert "bootstrap: from wheels/ (offline)" in out and "app: from wheels/ (offline)" in out, out
+        (venv_site,) = (app / ".venv").glob("lib/python3*/site-packages")
+        assert (venv_site / "gradio").is_dir() and (venv_site / "transformers").is_dir(), "installed into the app's venv"
+        assert not (venv_site / "torch").exists(), "torch is reused, not installed"
+        updates, text = _ask(f"http://127.0.0.1:{port}/")
+        assert updates >= 2 and "\\\\boxed{4}" in text, text
+        assert _run(app, "stop", env=env).returncode == 0
+    finally:
+        _force_stop(app)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs: each one stops with its message, and nothing is left half-done
+
+
+def test_missing_model_folder(shared_app: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    run = _run(shared_app, "--daemon", "--model", str(missing), "--host", "127.0.0.1", "--port", str(_free_port()))
+    assert run.returncode == 1, run.stdout
+    assert "模型文件夹不存在 / Model folder not found" in run.stdout and str(missing) in run.stdout
+    assert "config.json" in run.stdout, "says what to put there"
+    assert "model.source.download: true" in run.stdout
+    assert _server_pid(shared_app) is None
+
+
+def test_incomplete_model_folder(shared_app: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:1000])
+    run = _run(shared_app, "--daemon", "--backend", "transformers", "--model", str(broken), "--host", "127.0.0.1",
+               "--port", str(_free_port()))
+    assert run.returncode == 1, run.stdout
+    assert "模型文件夹不完整或损坏 / Model folder incomplete or corrupt" in run.stdout
+    assert "model.safetensors" in run.stdout
+
+
+def test_port_busy(shared_app: Path, tiny_model_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = _run(shared_app, "--daemon", "--model", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port))
+    assert run.returncode == 1, run.stdout
+    assert f"端口已被占用 / Port {port} is already in use" in run.stdout and "--port N" in run.stdout
+
+
+def test_bad_manifest_key(shared_app: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "manifest.yaml"
+    bad.write_text((shared_app / "manifest.yaml").read_text().replace("  max_queue:", "  max_qeue:"))
+    run = _run(shared_app, "--daemon", "--manifest", str(bad), "--port", str(_free_port()))
+    assert run.returncode == 2, run.stdout
+    assert "配置无效 / Invalid configuration" in run.stdout
+    assert "server.max_qeue: unknown key" in run.stdout and "max_queue" in run.stdout
+    assert "【2/5】" not in run.stdout, "stopped before installing anything"
+
+    env_bad = _run(shared_app, "doctor", env=_env(VT_PORT="eighty"))
+    assert env_bad.returncode == 1 and "VT_PORT" in env_bad.stdout
+
+
+@pytest.mark.parametrize("flags, why", [(["--torch", "cuda"], "install.torch: cuda"),
+                                        (["--device", "cuda"], "transformers.device: cuda")])
+def test_cuda_requested_on_cpu_machine(shared_app: Path, flags: list[str], why: str) -> None:
+    run = _run(shared_app, "--daemon", *flags, "--host", "127.0.0.1", "--port", str(_free_port()))
+    assert run.returncode == 1, run.stdout
+    assert "请求了 CUDA, 但没有可用的 NVIDIA GPU / CUDA was requested" in run.stdout and why in run.stdout
+    assert "--torch cpu" in run.stdout
+
+
+def test_gpu_without_nvcc_for_llamacpp(shared_app: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'Tesla T4, 15360 MiB, 535.104.05'\n")
+    smi.chmod(0o755)
+    env = _env(PATH=f"{fake}:/usr/bin:/bin", CUDA_HOME=str(tmp_path / "no-cuda"))
+    env.pop("VT_FAKE_NO_GPU")
+    run = _run(shared_app, "--daemon", "--backend", "llamacpp", "--port", str(_free_port()), env=env)
+    assert run.returncode == 1, run.stdout
+    assert "Tesla T4" in run.stdout
+    assert "有 GPU 但没有 nvcc / GPU present but no nvcc" in run.stdout and "--llama-cpu" in run.stdout
+
+
+def test_no_disk_space(shared_app: Path) -> None:
+    run = _run(shared_app, "--daemon", "--port", str(_free_port()), env=_env(VT_MIN_FREE_GB="100000000"))
+    assert run.returncode == 1, run.stdout
+    assert "磁盘空间不足 / Not enough free disk space" in run.stdout and "100000000.0 GB" in run.stdout
+
+
+def test_python_too_old(shared_app: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("python3", "python", "python3.10", "python3.11", "python3.12", "python3.13"):
+        exe = fake / name
+        exe.write_text("#!/bin/sh\necho 3.8.10\n")
+        exe.chmod(0o755)
+    conda = fake / "conda"  # a conda that cannot reach its channels
+    conda.write_text("#!/bin/sh\necho 'CondaHTTPError: offline' >&2\nexit 1\n")
+    conda.chmod(0o755)
+    env = _env(PATH=f"{fake}:/usr/bin:/bin")
+    env.pop("VT_PYTHON")
+    run = _run(shared_app, env=env)
+    assert run.returncode == 1, run.stdout
+    assert "需要 Python ≥ 3.10" in run.stdout and "Python ≥ 3.10 is required" in run.stdout
+    assert "3.8.10" in run.stdout
+    assert "conda create -y -p" in run.stdout and "python=3.11" in run.stdout
+
+
+def test_bad_argument_and_help(shared_app: Path) -> None:
+    run = _run(shared_app, "--port", "eighty")
+    assert run.returncode == 2 and "参数错误 / bad argument" in run.stdout
+    helped = _run(shared_app, "--help")
+    assert helped.returncode == 0
+    for item in ("--backend", "--model", "--port", "--host", "--daemon", "--manifest", "--offline", "stop", "status",
+                 "doctor", "VT_BACKEND", "VT_MODEL", "VT_PORT", "VT_PYTHON", "VT_MIN_FREE_GB", "PIP_INDEX_URL", "HF_ENDPOINT"):
+        assert item in helped.stdout, item
+
+
+def test_doctor_starts_nothing(shared_app: Path, tiny_model_dir: Path) -> None:
+    port = _free_port()
+    run = _run(shared_app, "doctor", "--model", str(tiny_model_dir), "--backend", "transformers", "--port", str(port))
+    assert "doctor" in run.stdout and "GPU:" in run.stdout and "disk" in run.stdout
+    assert f'"port": {port}' in run.stdout, run.stdout
+    assert _server_pid(shared_app) is None
+
+
+def _bare_platform(root: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "bare")], check=True)
+    return root / "bare" / "bin" / "python"
+
+
+def test_pip_index_unreachable(archive: Path, tmp_path: Path) -> None:
+    app = _extract(archive, tmp_path / "extracted")
+    url = f"http://127.0.0.1:{_closed_port()}/simple"
+    env = _env(VT_PYTHON=str(_bare_platform(tmp_path)), PIP_INDEX_URL=url, PIP_CONFIG_FILE=os.devnull)
+    env.pop("PIP_FIND_LINKS", None)
+    run = _run(app, "--daemon", "--port", str(_free_port()), env=env, timeout=300)
+    assert run.returncode == 1, run.stdout
+    assert "无法连接 pip 源 / pip index unreachable" in run.stdout and url in run.stdout
+    assert "PIP_INDEX_URL=" in run.stdout and "install.index_url" in run.stdout
+    assert not list((app / ".venv").glob(".vt-install-stamp*")), "no stamp for an unfinished install"
+
+
+def test_interrupted_install_resumes(archive: Path, tmp_path: Path) -> None:
+    app = _extract(archive, tmp_path / "extracted")
+    platform = _bare_platform(tmp_path)
+    with socket.socket() as silent:  # an index that accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = _env(VT_PYTHON=str(platform), PIP_INDEX_URL=f"http://127.0.0.1:{silent.getsockname()[1]}/simple",
+                   PIP_CONFIG_FILE=os.devnull, VT_INDEX_TIMEOUT="120")
+        env.pop("PIP_FIND_LINKS", None)
+        proc = subprocess.Popen(["bash", str(app / SCRIPT), "--daemon", "--port", str(_free_port())], cwd=app, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "→ bootstrap" in line:
+                    break
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "安装被中断 / Install interrupted" in out and "rerun" in out
+    assert (app / ".venv" / "bin" / "python").exists() and not (app / ".venv" / ".vt-creating").exists()
+    # The rerun keeps the venv and resumes at the same step (here it then meets a closed index).
+    env["PIP_INDEX_URL"] = f"http://127.0.0.1:{_closed_port()}/simple"
+    again = _run(app, "--daemon", "--port", str(_free_port()), env=env, timeout=300)
+    assert "venv created" not in again.stdout and "→ bootstrap" in again.stdout, again.stdout
+    assert "pip index unreachable" in again.stdout
