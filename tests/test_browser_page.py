@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 PREFIX = "/proxy/8080"
+BARE = "/bare/8080"
 TIMEOUT_MS = 120_000
 
 
@@ -63,6 +64,14 @@ def nginx(server, tmp_path_factory):
               proxy_cache off;
               proxy_read_timeout 3600s;
             }}
+            # A bare proxy: no X-Forwarded-Prefix and an internal Host (what some platforms do).
+            location {BARE}/ {{
+              proxy_pass http://127.0.0.1:{server.port}/;
+              proxy_http_version 1.1;
+              proxy_set_header Host internal-notebook:8080;
+              proxy_buffering off;
+              proxy_read_timeout 3600s;
+            }}
           }}
         }}
     """))
@@ -80,7 +89,7 @@ def nginx(server, tmp_path_factory):
                 return False
 
         wait_for(up, timeout=30, what="nginx to proxy /health")
-        yield {"url": url, "access_log": work / "access.log"}
+        yield {"url": url, "bare_url": f"http://127.0.0.1:{port}{BARE}/", "access_log": work / "access.log"}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -174,6 +183,19 @@ def test_page_through_nginx_sub_path(browser, server, nginx):
                    json={"model": "vibethinker-1.5b", "temperature": 0, "max_tokens": 100,
                          "messages": [{"role": "user", "content": "What is 2+2?"}]})
     assert r.status_code == 200 and "\\boxed{4}" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_page_through_a_bare_proxy(browser, server, nginx):
+    """No prefix header, Host rewritten: the page still finds its way back through the proxy."""
+    page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(nginx["bare_url"])
+        _wait_text(page, "#vt-status", "Ready")
+        _ask(page, "What is 2+2?")
+        page.wait_for_selector("#vt-chat .vt-final", timeout=TIMEOUT_MS)
+    finally:
+        page.close()
+    assert f"{BARE}/gradio_api/queue/join" in nginx["access_log"].read_text()
 
 
 def test_page_in_chinese(browser, server):

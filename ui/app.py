@@ -53,6 +53,61 @@ class ForwardedPrefixMiddleware:
         await self.app(scope, receive, send)
 
 
+# Runs before Gradio's app boots: if the root URL the server worked out is not where the browser
+# actually is (a proxy that rewrites Host and sends no X-Forwarded-Prefix, or a root_path set for
+# a proxy while the port is opened directly), use the browser's own location. The page is the
+# only route the page lives on, so its location is the app's root.
+_ROOT_FIX = (
+    b"<script>(function(){var c=window.gradio_config;if(!c||typeof c.root!=='string')return;"
+    b"var here=(location.origin+location.pathname).replace(/\\/+$/,'');"
+    b"if(c.root.replace(/\\/+$/,'')!==here){c.root=here;}})();</script>"
+)
+_CONFIG_MARK = b"window.gradio_config ="
+
+
+class BrowserRootMiddleware:
+    """Inject :data:`_ROOT_FIX` into the page's HTML right after Gradio's config."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] not in ("/", ""):
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        body = bytearray()
+
+        async def capture(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if not headers.get(b"content-type", b"").startswith(b"text/html") or b"content-encoding" in headers:
+                    start = None
+                    await send(message)
+                    return
+                start = message
+                return
+            if start is None:
+                await send(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            html = bytes(body)
+            mark = html.find(_CONFIG_MARK)
+            end = html.find(b"</script>", mark) if mark != -1 else -1
+            if end != -1:
+                end += len(b"</script>")
+                html = html[:end] + _ROOT_FIX + html[end:]
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+            headers.append((b"content-length", str(len(html)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": html, "more_body": False})
+
+        await self.app(scope, receive, capture)
+
+
 def build_app(host: ModelHost) -> FastAPI:
     manifest = host.manifest
     server = manifest.server
@@ -93,5 +148,7 @@ def build_app(host: ModelHost) -> FastAPI:
         footer_links=["api", "settings"], run_history=False, ssr_mode=False,
         theme=gr.themes.Soft(),
     )
+    if not root_path.startswith("http"):  # an explicit full URL is the user's word
+        app.add_middleware(BrowserRootMiddleware)
     app.add_middleware(ForwardedPrefixMiddleware, root_path=root_path)
     return app
