@@ -141,3 +141,47 @@ def test_busy_port_fails_fast_naming_the_port_and_the_fix(tmp_path):
     text = out.stdout + out.stderr
     assert f"Port {port}" in text and "--port" in text and "VT_PORT" in text
     assert "loading" not in text  # refused before any model work
+
+
+@pytest.mark.slow
+def test_waiting_page_user_sees_the_queue_position(tiny_model_dir):
+    """The page and the API share one line: while the slot is taken, the page says where it waits."""
+    import uvicorn
+    from gradio_client import Client
+
+    from ui.testing import free_port, wait_for
+
+    host = ModelHost(_manifest(tiny_model_dir, **{"generation.temperature": 0}))
+    host.start_loading()
+    assert host.wait_loaded(300).ready
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(host), host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=60, what="uvicorn to start")
+        blocker = host.limiter.enter()  # as if an API request were generating
+        try:
+            job = Client(f"http://127.0.0.1:{port}", verbose=False).submit("What is 2+2?", api_name="/chat")
+            wait_for(lambda: any("Waiting in line: position 1" in out[1] for out in job.outputs()),
+                     timeout=120, what="the page to show its place in line")
+        finally:
+            blocker.release()
+        chat, stats, _ = job.result(timeout=120)
+        assert "finish: stop" in stats
+        assert "\\boxed{4}" in str(chat[-1]["content"])
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        host.close()
+
+
+def test_page_html_carries_the_root_fix_and_the_configured_root(tmp_path):
+    host = ModelHost(_manifest(tmp_path, **{"server.root_path": "proxy/8080/"}))
+    with TestClient(build_app(host)) as http:
+        html = http.get("/").text
+        assert '"root": "http://testserver/proxy/8080"' in html or '"root":"http://testserver/proxy/8080"' in html
+        assert "location.origin+location.pathname" in html
+        # A request that came through a prefixing proxy gets that prefix instead.
+        html = http.get("/", headers={"X-Forwarded-Prefix": "/other"}).text
+        assert "http://testserver/other" in html
