@@ -204,3 +204,21 @@ def test_streaming_sse_format(server):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert "usage" not in chunks[-1]  # only with stream_options.include_usage, as OpenAI does
+
+
+def test_llamacpp_backend_through_the_api(tiny_gguf):
+    """The same API on the llama.cpp engine (the GGUF of the tiny model)."""
+    with ServerProcess(["--backend", "llamacpp", "--model", str(tiny_gguf.parent),
+                        "--set", f"model.gguf_file={tiny_gguf.name}", "--set", "llamacpp.n_ctx=2048"]) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert client.models.list().data[0].model_extra["metadata"]["backend"] == "llamacpp"
+        stream = client.chat.completions.create(model=MODEL, messages=ADD, temperature=0, max_tokens=200,
+                                                stream=True, stream_options={"include_usage": True})
+        reasoning, answer, usage = "", "", None
+        for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+                answer += choice.delta.content or ""
+        assert reasoning.strip() and "\\boxed{4}" in answer
+        assert usage is not None and usage.completion_tokens_details.reasoning_tokens > 0

@@ -198,6 +198,29 @@ def test_page_through_a_bare_proxy(browser, server, nginx):
     assert f"{BARE}/gradio_api/queue/join" in nginx["access_log"].read_text()
 
 
+def test_system_prompt_presets(browser, server):
+    from ui.strings import CODE_SYSTEM_PROMPT
+
+    page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(server.url + "/")
+        _wait_text(page, "#vt-status", "Ready")
+        system = page.locator("#vt-system textarea")
+        assert system.input_value() == ""  # Math = the template's default prompt
+        page.locator("#vt-preset").get_by_text("Competitive programming").click()
+        page.wait_for_function("t => document.querySelector('#vt-system textarea').value === t", arg=CODE_SYSTEM_PROMPT)
+        system.click()
+        page.keyboard.press("End")
+        page.keyboard.type(" Be brief.")  # typing your own prompt selects Custom
+        page.wait_for_selector("#vt-preset input[value=custom][aria-checked=true]", timeout=TIMEOUT_MS)
+        page.wait_for_timeout(500)  # let any late update land before reading the box
+        assert system.input_value() == CODE_SYSTEM_PROMPT + " Be brief."  # nothing typed was lost
+        page.locator("#vt-preset").get_by_text("Math").click()
+        page.wait_for_function("() => document.querySelector('#vt-system textarea').value === ''")
+    finally:
+        page.close()
+
+
 def test_page_in_chinese(browser, server):
     page = browser.new_page(locale="zh-CN", viewport={"width": 1280, "height": 900})
     try:

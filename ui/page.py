@@ -286,8 +286,9 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
         st = host.status()
         return status_banner(lang, host), gr.Timer(active=st.state == "loading")
 
-    def choose_preset(preset: str, current: str) -> str:
-        return PRESETS.get(preset, current)
+    def choose_preset(preset: str) -> Any:
+        # "custom" keeps whatever is in the box.
+        return PRESETS[preset] if preset in PRESETS else gr.skip()
 
     def edited_system(text: str) -> str:
         for name, prompt in PRESETS.items():
@@ -342,7 +343,8 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
             stopped_view, chatbot, chatbot, queue=False, api_name=False)
         clear_btn.click(clear, None, [chatbot, turns, stats, question], cancels=[ev_submit, ev_enter],
                         queue=False, api_name=False)
-        preset.change(choose_preset, [preset, system], system, queue=False, api_name=False)
+        # .input, not .change: when typing flips the preset to Custom, the box must not be rewritten.
+        preset.input(choose_preset, preset, system, queue=False, api_name=False)
         system.input(edited_system, system, preset, queue=False, api_name=False)
         timer.tick(refresh_status, None, [status, timer], queue=False, api_name=False)
         demo.load(refresh_status, None, [status, timer], queue=False, api_name=False)
