@@ -102,7 +102,10 @@ def test_open_bind_without_protection_warns():
     open_ = load_manifest(env={}, overrides={"server.host": "0.0.0.0"})
     assert "VT_API_KEY" in security_warnings(open_)[0]
     keyed = load_manifest(env={}, overrides={"server.host": "0.0.0.0", "server.auth.api_key": "k"})
-    assert security_warnings(keyed) == []
+    assert "page" in security_warnings(keyed)[0]  # the key does not cover the page
+    both = load_manifest(env={}, overrides={"server.host": "0.0.0.0", "server.auth.api_key": "k",
+                                            "server.auth.username": "u", "server.auth.password": "p"})
+    assert security_warnings(both) == []
     assert security_warnings(load_manifest(env={}, overrides={"server.host": "127.0.0.1"})) == []
 
 

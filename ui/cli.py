@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(json.dumps(data, indent=2, ensure_ascii=False))
             return 0
+        # No usage reporting from an app that may run with no internet (it would only time out).
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         from .server import serve, setup_logging
 
         setup_logging()

@@ -36,6 +36,7 @@ CSS = """
 .vt-final { border-left: 4px solid #f59e0b; background: rgba(245, 158, 11, 0.12);
             padding: 6px 12px; margin-top: 10px; border-radius: 4px; font-size: 1.05em; }
 #vt-stats { font-size: 0.9em; opacity: 0.85; }
+#vt-chat pre, #vt-chat pre code { white-space: pre-wrap; word-break: break-word; }
 """
 
 PRESETS = {"math": "", "code": CODE_SYSTEM_PROMPT}
@@ -260,11 +261,11 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
             new_turns.append([question, answer])
         yield view(), new_turns, stats, gr.skip()
 
-    def stop(request: gr.Request) -> str:
+    def stop(request: gr.Request) -> Any:
         lang = _lang(manifest, request)
-        if request.session_hash:
-            sessions.stop(request.session_hash)
-        return t(lang, "stopped")
+        if request.session_hash and sessions.stop(request.session_hash):
+            return t(lang, "stopped")
+        return gr.skip()  # nothing was running
 
     def stopped_view(history: list) -> list:
         """Mark a thinking section that was still pending as done after Stop."""

@@ -101,11 +101,18 @@ def setup_logging() -> None:
 def security_warnings(manifest: Manifest) -> list[str]:
     auth = manifest.server.auth
     notes = []
-    if manifest.server.host in ("0.0.0.0", "::") and not (auth.username or auth.api_key):
+    if manifest.server.host not in ("0.0.0.0", "::"):
+        return notes
+    if not (auth.username or auth.api_key):
         notes.append(
             f"Serving on {manifest.server.host}:{manifest.server.port} with no page login and no API key: "
             "anyone who can reach this port can use the model. Set server.auth.username/password "
             "(VT_USERNAME/VT_PASSWORD) and/or server.auth.api_key (VT_API_KEY), or bind --host 127.0.0.1."
+        )
+    elif not auth.username:
+        notes.append(
+            "server.auth.api_key protects /v1 and /metrics only: the page (and its own Gradio API) stays open. "
+            "Set server.auth.username/password (VT_USERNAME/VT_PASSWORD) to protect it too."
         )
     return notes
 
