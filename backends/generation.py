@@ -49,35 +49,45 @@ CLOSE_THINKING_TEXT = "\n\nI have thought long enough; now I will write the fina
 
 
 class FairLock:
-    """A FIFO lock whose waiters can give up (cancellation) while in line."""
+    """A FIFO lock whose waiters can give up (cancellation) while in line.
 
-    def __init__(self) -> None:
+    ``capacity`` > 1 makes it a fair counting semaphore for engines that decode several requests
+    together (continuous batching): each request takes one slot, :meth:`EngineBackend.exclusive`
+    takes them all. FIFO order holds for every weight, so a waiting exclusive user is never
+    overtaken by later requests. With the default capacity of 1 it is the plain FIFO lock.
+    """
+
+    def __init__(self, capacity: int = 1) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
         self._cond = threading.Condition()
         self._line: deque[object] = deque()
-        self._held = False
+        self._used = 0
 
-    def acquire(self, cancelled: threading.Event | None = None) -> bool:
+    def acquire(self, cancelled: threading.Event | None = None, weight: int = 1) -> bool:
         """Wait for our turn; False (and out of the line) if ``cancelled`` is set first."""
+        weight = max(1, min(weight, self.capacity))
         ticket = object()
         with self._cond:
             self._line.append(ticket)
             try:
-                while self._held or self._line[0] is not ticket:
+                while self._used + weight > self.capacity or self._line[0] is not ticket:
                     if cancelled is not None and cancelled.is_set():
                         return False
                     self._cond.wait()
                 if cancelled is not None and cancelled.is_set():
                     return False
-                self._held = True
+                self._used += weight
                 return True
             finally:
                 self._line.remove(ticket)
                 # Whoever is now first in line must re-check (we left it or took the lock).
                 self._cond.notify_all()
 
-    def release(self) -> None:
+    def release(self, weight: int = 1) -> None:
         with self._cond:
-            self._held = False
+            self._used = max(0, self._used - max(1, min(weight, self.capacity)))
             self._cond.notify_all()
 
     def wake(self) -> None:
@@ -93,7 +103,13 @@ class FairLock:
     @property
     def held(self) -> bool:
         with self._cond:
-            return self._held
+            return self._used > 0
+
+    @property
+    def running(self) -> int:
+        """Slots in use (requests decoding now, or ``capacity`` during an exclusive section)."""
+        with self._cond:
+            return self._used
 
 
 @dataclass
@@ -261,17 +277,31 @@ class EngineBackend(Backend):
 
     Engines use :meth:`exclusive` around anything that must not overlap a generation
     (load/close), and may call :meth:`cancel_all` first in ``close``.
+
+    Many users (optional): an engine that decodes several requests together passes
+    ``max_concurrent=N`` to ``__init__``. Up to N requests then run ``decode_loop`` at the same
+    time, each in its own worker thread (the rest wait in the same FIFO line), and
+    ``decode_loop`` must be safe to call from several threads at once. Inside ``decode_loop``
+    :meth:`request_cancelled` tells whether the current request was cancelled, so that an engine
+    waiting on its own batch can give up without a token arriving. ``exclusive`` waits for all N.
     """
 
     name = "engine"
     eos_token_ids: frozenset[int] = frozenset()
     context_length: int = 0
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, max_concurrent: int = 1) -> None:
         self.manifest = manifest
-        self._lock = FairLock()
+        self._lock = FairLock(max_concurrent)
         self._requests: dict[str, _RequestState] = {}
         self._registry = threading.Lock()
+        # The request a worker thread is generating (for request_cancelled inside decode_loop).
+        self._current = threading.local()
+
+    @property
+    def max_concurrent(self) -> int:
+        """Requests decoded at the same time (1 = one at a time, in a fair FIFO line)."""
+        return self._lock.capacity
 
     # -- hooks ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -291,11 +321,17 @@ class EngineBackend(Backend):
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the engine lock (in FIFO order with requests) for load/close."""
-        self._lock.acquire()
+        weight = self._lock.capacity  # every slot: no request decodes meanwhile
+        self._lock.acquire(weight=weight)
         try:
             yield
         finally:
-            self._lock.release()
+            self._lock.release(weight)
+
+    def request_cancelled(self) -> bool:
+        """Inside ``decode_loop``: whether the request being decoded was cancelled (or dropped)."""
+        state: _RequestState | None = getattr(self._current, "state", None)
+        return state is not None and state.cancelled.is_set()
 
     def cancel(self, request_id: str) -> bool:
         with self._registry:
@@ -381,9 +417,11 @@ class EngineBackend(Backend):
                               total_time_s=time.perf_counter() - state.started_at)
                 state.out.put(StreamChunk(usage=usage))
                 return
+            self._current.state = state
             try:
                 self._generate(state)
             finally:
+                self._current.state = None
                 self._lock.release()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             state.out.put(_Failure(exc))
@@ -427,6 +465,7 @@ class EngineBackend(Backend):
             self._finish(reply, FinishReason.CANCELLED, "cancelled before decoding")
             return
         self.decode_loop(list(prompt_ids), params, reply.max_new, reply.on_token)
+        self._note_cancel(reply)
         if reply.stop == "close":
             why = reply.stop_detail
             reason = reply.close_reason
@@ -442,6 +481,7 @@ class EngineBackend(Backend):
                 self._finish(reply, FinishReason.LENGTH, f"{why}, but no tokens were left for the answer")
                 return
             self.decode_loop(list(prompt_ids) + reply.generated, params, left, reply.on_token)
+            self._note_cancel(reply)
             if reply.stop in (None, FinishReason.STOP):
                 detail = f"{why}; thinking closed and the answer written"
                 if reply.stop is None:
@@ -456,6 +496,13 @@ class EngineBackend(Backend):
             reply.stop_detail = "cancelled"
         assert isinstance(stop, FinishReason)
         self._finish(reply, stop, reply.stop_detail if stop != FinishReason.STOP else "")
+
+    @staticmethod
+    def _note_cancel(reply: _Reply) -> None:
+        # An engine may return from decode_loop without a token once request_cancelled() is true
+        # (e.g. while its batch had nothing for this request yet): that is a cancel, not a length stop.
+        if reply.stop is None and reply.state.cancelled.is_set():
+            reply.stop = FinishReason.CANCELLED
 
     def _finish(self, reply: _Reply, reason: FinishReason, detail: str) -> None:
         reasoning, answer = reply.splitter.feed(reply.detok.flush())

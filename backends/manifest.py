@@ -70,6 +70,13 @@ class TransformersSettings(_Section):
     compile: bool = False
     # When device is cuda but none is usable: fall back to the CPU (true) or stop (false).
     cpu_fallback: bool = True
+    # Many users: decode up to server.concurrency requests together with transformers' continuous
+    # batching. auto = on when server.concurrency > 1; off = one request at a time (a FIFO queue).
+    # Requests with a fixed seed still run one at a time (batching has no per-request seed).
+    batching: Literal["auto", "on", "off"] = "auto"
+    # KV cache shared by the batch, in tokens; 0 = server.concurrency x (max_new_tokens + 4096),
+    # capped by the context window. Lower it when GPU memory is short.
+    batch_cache_tokens: int = Field(default=0, ge=0)
 
 
 class LlamaCppSettings(_Section):

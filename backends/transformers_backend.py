@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .base import ProgressCallback
 from .checks import check_hf_folder, inspect_model_folder, require_cuda, verify_sha256
 from .generation import EngineBackend
 from .manifest import Manifest
+from .transformers_batching import POLL_S, BatchRunner, BatchSettings, cache_tokens_for
 from .types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,28 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def batching_wanted(manifest: Manifest) -> bool:
+    """transformers.batching: on, or auto with server.concurrency > 1 (eager attention excepted:
+    batching would switch the shared model to paged attention under the one-at-a-time path)."""
+    mode = manifest.transformers.batching
+    if mode == "off":
+        return False
+    if mode == "auto":
+        return manifest.server.concurrency > 1 and manifest.transformers.attn_implementation != "eager"
+    return True
+
+
 class TransformersBackend(EngineBackend):
     name = "transformers"
 
     def __init__(self, manifest: Manifest) -> None:
-        super().__init__(manifest)
+        self._batching = batching_wanted(manifest)
+        # Batched: server.concurrency requests decode together; otherwise one at a time (FIFO).
+        super().__init__(manifest, max_concurrent=manifest.server.concurrency if self._batching else 1)
+        self._batch: BatchRunner | None = None
+        # Requests that cannot join the batch (fixed seed) decode alone, one at a time, beside it;
+        # this lock also guards the one-at-a-time KV cache below.
+        self._solo = threading.Lock()
         self._model: Any = None
         self._tokenizer: Any = None
         self._device: Any = None
@@ -167,7 +186,38 @@ class TransformersBackend(EngineBackend):
             getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length or 4096
         )
         self._cache, self._cache_ids = None, []
+        if self._batching:
+            report(0.9, "starting continuous batching / 启动连续批处理")
+            self._start_batching(model)
         report(1.0, "ready / 就绪")
+
+    def _start_batching(self, model: Any) -> None:
+        settings = self.manifest
+        if settings.transformers.attn_implementation == "eager":
+            raise BackendError(
+                "transformers.batching: on needs attn_implementation sdpa or flash_attention_2 (eager would be "
+                "switched to paged attention for every request); set one of them, or batching: off."
+            )
+        runner = BatchRunner(model, BatchSettings(
+            capacity=self.max_concurrent,
+            cache_tokens=cache_tokens_for(self.max_concurrent, settings.generation.max_new_tokens,
+                                          self.context_length, settings.transformers.batch_cache_tokens),
+            vocab_size=int(model.config.vocab_size),
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            pad_token_id=int(model.generation_config.pad_token_id),
+        ))
+        try:
+            runner.start()
+            # The first batched step sets the manager up (seconds): pay it here, not in a user's TTFT.
+            runner.warm_up(self.encode_chat([ChatMessage("user", "1+1")]))
+        except Exception as exc:
+            runner.close()
+            self._model = self._tokenizer = None
+            raise BackendError(
+                f"Continuous batching could not start ({type(exc).__name__}: {exc}); set transformers.batching: off "
+                f"in manifest.yaml to serve one request at a time."
+            ) from exc
+        self._batch = runner
 
     def close(self) -> None:
         self.cancel_all()
@@ -175,6 +225,9 @@ class TransformersBackend(EngineBackend):
             if self._model is None:
                 return
             device = self._device
+            if self._batch is not None:
+                self._batch.close()
+                self._batch = None
             self._model = self._tokenizer = self._cache = None
             self._cache_ids = []
             import gc
@@ -207,6 +260,8 @@ class TransformersBackend(EngineBackend):
                 "attn_implementation": self.manifest.transformers.attn_implementation,
                 "cache": self._cache_mode(),
                 "torch": torch.__version__,
+                # Seeded requests decode alone even when batching is on (no per-request seed in a batch).
+                "batching": (f"continuous, {self.max_concurrent} at once" if self._batch is not None else "off"),
             },
         )
 
@@ -257,6 +312,29 @@ class TransformersBackend(EngineBackend):
 
     def decode_loop(self, ids: list[int], params: SamplingParams, max_tokens: int,
                     on_token: Callable[[int], bool]) -> None:
+        batch = self._batch
+        if batch is not None and batch.supports(params):
+            batch.run(ids, params, max_tokens, on_token, self.request_cancelled)
+            return
+        if self.max_concurrent == 1:
+            self._decode_alone(ids, params, max_tokens, on_token)  # the driver's lock already serialises
+            return
+        # Beside a running batch: wait for the other unbatchable requests, giving up on cancel,
+        # then decode with the batch paused (it shares torch's global random generator).
+        while not self._solo.acquire(timeout=POLL_S):
+            if self.request_cancelled():
+                return
+        try:
+            if batch is not None:
+                with batch.paused():
+                    self._decode_alone(ids, params, max_tokens, on_token)
+            else:
+                self._decode_alone(ids, params, max_tokens, on_token)
+        finally:
+            self._solo.release()
+
+    def _decode_alone(self, ids: list[int], params: SamplingParams, max_tokens: int,
+                      on_token: Callable[[int], bool]) -> None:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
