@@ -1,11 +1,13 @@
 """Download a model folder from the Hugging Face hub (or a mirror) or from ModelScope.
 
 Used only when ``model.source.download: true`` and the model folder is missing or was left
-incomplete. Resuming: huggingface_hub keeps ``<dest>/.cache/huggingface/download/*.incomplete``
-files and continues them on the next call, and skips files already complete; ModelScope does the
-same in its own cache. We add a marker file (``.vt-download-incomplete``) written before the first
-byte and removed after the last, so that a folder whose download was interrupted is never taken
-for a complete model and the next run simply continues it.
+incomplete. Resuming, as huggingface_hub 2.x does it (checked in its source and in
+tests/test_fetch.py): a connection dropped in the middle of a file is continued within the same
+call with an HTTP Range request; across runs, files that finished are kept and skipped, but a file
+cut short is downloaded again from its start (the hub deletes its partial temporary file).
+We add a marker file (``.vt-download-incomplete``) written before the first byte and removed
+after the last, so that a folder whose download failed is never taken for a complete model and
+the next run simply continues it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ def folder_is_complete(dest: Path) -> bool:
     """True when ``dest`` holds a finished download (or files the user put there)."""
     if not dest.is_dir() or (dest / INCOMPLETE_MARKER).exists():
         return False
+    return _has_model_files(dest)
+
+
+def _has_model_files(dest: Path) -> bool:
     if any(p.suffix == ".gguf" for p in dest.iterdir()):
         return True
     return (dest / "config.json").is_file() and any(p.suffix in _WEIGHT_SUFFIXES for p in dest.iterdir())
@@ -45,7 +51,7 @@ def _hub_endpoint(endpoint: str | None) -> str:
 
 def _download_hf(repo_id: str, revision: str, dest: Path, endpoint: str, timeout: float) -> None:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,
             HfHubHTTPError,
@@ -56,6 +62,9 @@ def _download_hf(repo_id: str, revision: str, dest: Path, endpoint: str, timeout
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
         raise FetchError(f"huggingface_hub is not installed ({exc}): pip install huggingface_hub") from None
     try:
+        # Ask first: snapshot_download returns a non-empty local_dir as is when the hub cannot be
+        # reached (with only a log warning), which would hide the reason from the user.
+        HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, timeout=timeout)
         snapshot_download(
             repo_id,
             revision=revision,
@@ -75,13 +84,15 @@ def _download_hf(repo_id: str, revision: str, dest: Path, endpoint: str, timeout
             f"版本不存在 / Revision {revision!r} of {repo_id} not found at {endpoint}. "
             "修复 / Fix: check model.source.revision in manifest.yaml (e.g. main)."
         ) from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, Exception) as exc:
+        # The hub's HTTP client (httpx) raises its own ConnectError/TimeoutException types: any
+        # other failure here is the network's or the endpoint's.
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise FetchError(
             f"无法连接模型仓库 / Cannot reach the model hub at {endpoint}: {reason}\n"
             f"修复 / Fix: in mainland China use a mirror: export HF_ENDPOINT={MIRROR_HINT} (then rerun), "
             "or set model.source.hub: modelscope in manifest.yaml, or upload the model files by hand. "
-            "A partial download is kept and resumes on the next run / 已下载的部分会在下次运行时续传."
+            "Rerun to continue: finished files are kept / 重新运行即可继续, 已下载完成的文件会保留."
         ) from None
 
 
@@ -140,11 +151,11 @@ def fetch_model(
         _download_hf(repo_id, revision, dest, _hub_endpoint(endpoint), timeout)
     else:
         _download_modelscope(repo_id, revision, dest)
-    marker.unlink()
-    if not folder_is_complete(dest):
+    if not _has_model_files(dest):
         raise FetchError(
-            f"下载完成但文件夹缺少模型文件 / The download finished but {dest} has no config.json + weights "
-            f"(.safetensors) nor a .gguf: is {repo_id!r} a model repository?"
+            f"下载未完成 / The download into {dest} did not complete (no config.json + .safetensors nor a .gguf yet): "
+            f"is {repo_id!r} a model repository, and is {where} reachable? Rerun to continue."
         )
+    marker.unlink()
     say(f"下载完成 / Download complete: {dest}")
     return dest
