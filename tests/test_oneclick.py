@@ -413,3 +413,20 @@ def test_interrupted_install_resumes(archive: Path, tmp_path: Path) -> None:
     again = _run(app, "--daemon", "--port", str(_free_port()), env=env, timeout=300)
     assert "venv created" not in again.stdout and "→ bootstrap" in again.stdout, again.stdout
     assert "pip index unreachable" in again.stdout
+
+
+def test_readme_troubleshooting_matches_the_messages() -> None:
+    """Every message the README's troubleshooting table lists is one the code prints."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| message (中文 / English) | fix |"):]
+    rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) >= 15
+    code = "".join((root / p).read_text(encoding="utf-8")
+                   for p in ("bundle/oneclick.py", "scripts/1键推理.sh", "backends/fetch.py"))
+    code = code.replace("${MIN_MAJOR}.${MIN_MINOR}", "3.10")
+    for row in rows:
+        message = row.split("|")[1].strip()
+        zh, _, en = message.partition(" / ")
+        assert zh in code, f"README lists {zh!r}, which nothing prints"
+        assert en.split("…")[0].strip() in code, f"README lists {en!r}, which nothing prints"
