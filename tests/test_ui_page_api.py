@@ -47,6 +47,12 @@ def test_gradio_client_streams_thinking_and_answer(server):
     )
     assert read_metric(server.url, "vibethinker_requests_total", {"source": "page", "finish_reason": "stop"}) >= 1
 
+    # A follow-up in the same session: the previous turn goes back into the prompt.
+    chat2, stats2, _ = client.predict("What is 2+2?", chat, api_name="/chat")
+    assert [m["role"] for m in chat2].count("user") == 2
+    prompt = lambda s: int(s.split("prompt ")[1].split(" ")[0])  # noqa: E731
+    assert prompt(stats2) > prompt(stats) + 5
+
 
 def test_gradio_client_cancel_stops_the_backend(server):
     cancelled = {"source": "page", "finish_reason": "cancelled"}

@@ -331,6 +331,17 @@ async def _complete(request: Request, pump: Pump, first: Any, cancel: Any, cid: 
     usage: Usage | None = None
     boxed: str | None = None
     item = first
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        # A client that hangs up stops the generation at once, not after it has finished.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        log.info("api client of %s disconnected; cancelling", cid)
+        cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
         while True:
             if isinstance(item, StreamChunk):
@@ -338,21 +349,16 @@ async def _complete(request: Request, pump: Pump, first: Any, cancel: Any, cid: 
                 answer.append(item.answer)
                 if item.usage is not None:
                     usage, boxed = item.usage, item.boxed_answer
-            while True:
-                try:
-                    item = await pump.get(timeout=0.5)
-                    break
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        log.info("api client of %s disconnected; cancelling", cid)
-                        cancel()
-                        return JSONResponse({}, status_code=499)
+            item = await pump.get()
     except StopAsyncIteration:
         pass
     except BackendError as exc:
         return ApiError(500, str(exc), "server_error", code="backend_error").response()
     finally:
+        watcher.cancel()
         cancel()
+    if gone.is_set():
+        return JSONResponse({}, status_code=499)  # nobody is listening; for the access log only
     if usage is None:
         usage = Usage(finish_reason=FinishReason.CANCELLED)
     text = "".join(answer)

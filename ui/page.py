@@ -107,6 +107,7 @@ def stats_line(lang: Lang, host: ModelHost, usage: Usage) -> str:
         backend=info.backend if info else "?",
         device=info.device if info else "?",
         ttft=_fmt_s(usage.time_to_first_token_s),
+        prompt=usage.prompt_tokens,
         reasoning=usage.reasoning_tokens,
         answer=usage.answer_tokens,
         speed=f"{usage.decode_tokens_per_s:.1f}" if usage.decode_tokens_per_s else "-",

@@ -89,6 +89,19 @@ class DrainingServer(uvicorn.Server):
         return False
 
 
+class _QuietProbes(logging.Filter):
+    """Platforms probe /health every few seconds and Prometheus scrapes /metrics: keep the
+    successful ones out of the log so that requests and errors stay readable."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 5:
+            path, status = str(args[2]), args[4]
+            if path.split("?")[0].endswith(("/health", "/metrics")) and status == 200:
+                return False
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -96,6 +109,7 @@ def setup_logging() -> None:
         stream=sys.stdout,
         force=True,
     )
+    logging.getLogger("uvicorn.access").addFilter(_QuietProbes())
 
 
 def security_warnings(manifest: Manifest) -> list[str]:

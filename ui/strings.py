@@ -96,7 +96,7 @@ RUNTIME: dict[Lang, dict[str, str]] = {
         "bad_setting": "Invalid setting: {name} must be {rule}.",
         "english_hint": "Tip: VibeThinker works better with English questions.",
         "stopped": "■ Stopped by you (finish reason: cancelled).",
-        "stats": "{backend} · {device} · TTFT {ttft} · thinking {reasoning} tokens · answer {answer} tokens · "
+        "stats": "{backend} · {device} · TTFT {ttft} · prompt {prompt} · thinking {reasoning} · answer {answer} tokens · "
         "{speed} tok/s · finish: {finish}",
         "finish_stop": "stop",
         "finish_length": "length — hit max new tokens or the context window; raise Max new tokens for a full answer",
@@ -119,7 +119,7 @@ RUNTIME: dict[Lang, dict[str, str]] = {
         "bad_setting": "参数无效：{name} 必须{rule}。",
         "english_hint": "提示：VibeThinker 用英文提问效果更好。",
         "stopped": "■ 已停止（结束原因：cancelled）。",
-        "stats": "{backend} · {device} · 首字延迟 {ttft} · 思考 {reasoning} tokens · 回答 {answer} tokens · "
+        "stats": "{backend} · {device} · 首字延迟 {ttft} · 提示 {prompt} · 思考 {reasoning} · 回答 {answer} tokens · "
         "{speed} tok/s · 结束：{finish}",
         "finish_stop": "stop",
         "finish_length": "length —— 达到最大生成长度或上下文上限；调大“最大生成 token 数”可得到完整回答",
