@@ -165,12 +165,15 @@ def stream_chat(client: Any, base: str, messages: list[dict], new_tokens: int, s
 
 
 def measure_http(spec: EngineSpec, prompts: list[dict], new_tokens: int, sampling: Sampling, warmup: int,
-                 log_dir: Path | None = None) -> PathResult:
-    """Sequential SSE streams through a fresh server (the same runs as the other paths)."""
+                 log_dir: Path | None = None, time_limit_s: float = 3600.0) -> PathResult:
+    """Sequential SSE streams through a fresh server (the same runs as the other paths).
+
+    Past ``time_limit_s`` no further run starts (the runs done so far are kept and noted)."""
     import httpx
 
     result = PathResult(engine=spec.name, path="http")
-    with Server(spec, log_dir=log_dir) as server, httpx.Client() as client:
+    started = time.perf_counter()
+    with Server(spec, log_dir=log_dir, ready_timeout_s=time_limit_s) as server, httpx.Client() as client:
         result.load_s = server.load_s
         t0 = time.perf_counter()
         for i in range(warmup):
@@ -179,6 +182,9 @@ def measure_http(spec: EngineSpec, prompts: list[dict], new_tokens: int, samplin
             stream_chat(client, server.base, prompts[-1 - i]["messages"], count, sampling)
         result.warmup_s = time.perf_counter() - t0
         for p in prompts[: len(prompts) - warmup]:
+            if time.perf_counter() - started > time_limit_s:
+                result.info["note"] = f"stopped after {len(result.runs)} runs: time limit {time_limit_s:.0f} s"
+                break
             timing = stream_chat(client, server.base, p["messages"], new_tokens, sampling)
             if timing.error:
                 raise RuntimeError(f"HTTP stream failed: {timing.error}")

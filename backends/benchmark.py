@@ -151,9 +151,10 @@ def run_in_worker(job: dict[str, Any], timeout_s: float) -> PathResult:
 
 
 def _http(spec: EngineSpec, prompts: list[dict], new_tokens: int, sampling: Sampling, warmup: int,
-          log_dir: Path) -> PathResult:
+          log_dir: Path, time_limit_s: float) -> PathResult:
     try:
-        return bench_http.measure_http(spec, prompts, new_tokens, sampling, warmup, log_dir=log_dir)
+        return bench_http.measure_http(spec, prompts, new_tokens, sampling, warmup, log_dir=log_dir,
+                                       time_limit_s=time_limit_s)
     except Exception as exc:  # noqa: BLE001 - reported in the report
         return PathResult(engine=spec.name, path="http", skipped=f"{type(exc).__name__}: {str(exc)[-400:]}")
 
@@ -444,7 +445,7 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
             job = {"spec": dataclasses.asdict(spec), "path": path, "prompts": prompts[:count], "new_tokens": new,
                    "sampling": dataclasses.asdict(sampling), "warmup": plan.warmup}
             if path == "http":
-                result = _http(spec, prompts[:count], new, sampling, plan.warmup, log_dir)
+                result = _http(spec, prompts[:count], new, sampling, plan.warmup, log_dir, plan.worker_timeout_s)
             else:
                 result = run_in_worker(job, plan.worker_timeout_s)
             s = result.summary()
