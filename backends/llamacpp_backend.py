@@ -89,6 +89,29 @@ def physical_cores() -> int:
     return max(1, cores)
 
 
+_QUIET_CALLBACK: Any = None
+
+
+def _quiet_log_callback(llama_cpp: Any) -> Any:
+    """After loading: llama.cpp warnings/errors go to Python logging. (llama-cpp-python's own
+    callback decodes strictly and raises inside ctypes when a log line splits a UTF-8 character.)"""
+    global _QUIET_CALLBACK
+    if _QUIET_CALLBACK is None:
+        engine_log = logging.getLogger("llama_cpp")
+        last = [0]
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            level = last[0] if level == 5 else level
+            last[0] = level
+            if level in (3, 4):
+                engine_log.log(logging.ERROR if level == 4 else logging.WARNING, "%s",
+                               text.decode("utf-8", "replace").rstrip())
+
+        _QUIET_CALLBACK = callback  # module-level: ctypes must never see it freed
+    return _QUIET_CALLBACK
+
+
 class _LogCapture:
     """Collects llama.cpp's own log lines while a model loads: with verbose off, its reason for a
     failed load is otherwise lost, and the user sees only "failed to load model"."""
@@ -115,9 +138,7 @@ class _LogCapture:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from llama_cpp import _logger
-
-        self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        self._llama_cpp.llama_log_set(_quiet_log_callback(self._llama_cpp), ctypes.c_void_p(0))
 
     def tail(self, n: int = 4) -> str:
         useful = [line for line in self.lines if line]
