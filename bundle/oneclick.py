@@ -501,9 +501,11 @@ def resolve_args(app: App) -> list[str]:
     return out
 
 
-def resolve(app: App, python: Path | str, *, check_model: bool = False, fetch: bool = False) -> dict[str, Any]:
+def resolve(app: App, python: Path | str, *, check_model: bool = False, fetch: bool = False,
+            no_choice: bool = False) -> dict[str, Any]:
     cmd = [str(python), "-m", "bundle.resolve", *resolve_args(app)]
     cmd += ["--check-model"] if check_model else []
+    cmd += ["--no-choice"] if no_choice else []
     cmd += ["--fetch"] if fetch else []
     env = {**os.environ, "PYTHONPATH": str(app.dir)}
     done = subprocess.run(cmd, cwd=app.dir, stdout=subprocess.PIPE, text=True, env=env)
@@ -622,15 +624,20 @@ def watcher(host: str, port: int, server_pid: int, url: str, timeout: float) -> 
         os._exit(0)
 
 
-def serve_command(app: App, python: Path) -> list[str]:
+def ui_flags(app: App) -> list[str]:
+    """The launcher's flags as ``python -m ui serve|config`` flags (the same precedence applies there)."""
     a = app.args
-    cmd = [str(python), "-m", "ui", "serve", "--manifest", str(app.manifest)]
+    flags = ["--manifest", str(app.manifest)]
     for flag, value in (("--backend", a.backend), ("--model", a.model), ("--host", a.host), ("--port", a.port)):
         if value is not None:
-            cmd += [flag, str(value)]
+            flags += [flag, str(value)]
     if a.device:
-        cmd += ["--set", f"transformers.device={a.device}"]
-    return cmd
+        flags += ["--set", f"transformers.device={a.device}"]
+    return flags
+
+
+def serve_command(app: App, python: Path) -> list[str]:
+    return [str(python), "-m", "ui", "serve", *ui_flags(app)]
 
 
 def start_server(app: App, python: Path, cfg: dict[str, Any]) -> int:
@@ -776,13 +783,30 @@ def check_port(cfg: dict[str, Any]) -> None:
     ok(f"端口 / port {host}:{port} free")
 
 
-def early_config(app: App, venv: Path) -> dict[str, Any] | None:
-    """Validate the configuration with whichever Python already has pyyaml + pydantic."""
+def early_python(venv: Path) -> Path | None:
+    """A Python that can already validate the configuration (has pyyaml + pydantic), if any."""
     for py in (venv_python(venv), Path(sys.executable)):
         if py.exists() and subprocess.run([str(py), "-c", "import yaml, pydantic"], capture_output=True,
                                           env=_pip_env()).returncode == 0:
-            return config_or_stop(resolve(app, py))
+            return py
     return None
+
+
+def early_config(app: App, venv: Path) -> dict[str, Any] | None:
+    """Validate the configuration before installing, when some Python already can."""
+    py = early_python(venv)
+    return config_or_stop(resolve(app, py)) if py else None
+
+
+def early_model_check(app: App, venv: Path, cfg: dict[str, Any]) -> None:
+    """Stop before a long install when the model folder is missing or broken (unless it will be downloaded)."""
+    py = early_python(venv)
+    if py is None or (cfg["model"]["source"]["download"] and not app.args.offline):
+        return
+    result = resolve(app, py, check_model=True, no_choice=True)
+    if result.get("ok") or result.get("kind") != "model":
+        return
+    config_or_stop(result)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -811,6 +835,8 @@ def cmd_start(app: App) -> int:
     if cfg is not None:
         check_cuda_request(app, cfg, plan, gpu, gpu_text)
         check_port(cfg)
+        if not stamp_ok:
+            early_model_check(app, venv_guess, cfg)
 
     say("【2/5】安装依赖 / install")
     if stamp_ok:
@@ -887,9 +913,10 @@ def cmd_doctor(app: App) -> int:
             problems += 1
     if cfg is None:
         warn("配置将在安装 pyyaml/pydantic 后校验 / the configuration is validated once pyyaml + pydantic are installed")
-    elif stamp_ok:
-        result = resolve(app, venv_python(plan.venv), check_model=True)
-        if result.get("ok"):
+    else:
+        checker = venv_python(plan.venv) if stamp_ok else early_python(venv)
+        result = resolve(app, checker, check_model=True, no_choice=not stamp_ok) if checker else {"ok": True}
+        if result.get("ok") and "model" in result:
             ok(f"model {result['model']['path']} ({result['model']['kind']}); {result.get('choice', '')}")
         else:
             try:
@@ -897,11 +924,8 @@ def cmd_doctor(app: App) -> int:
             except Stop as exc:
                 say(str(exc))
                 problems += 1
-        done = subprocess.run([str(venv_python(plan.venv)), "-m", "ui", "config", *resolve_args(app)[:2],
-                               *[x for f, v in (("--backend", app.args.backend), ("--model", app.args.model),
-                                                ("--host", app.args.host), ("--port", app.args.port)) if v is not None
-                                 for x in (f, str(v))]],
-                              cwd=app.dir, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(app.dir)})
+    if cfg is not None and stamp_ok:
+        done = subprocess.run([str(venv_python(plan.venv)), "-m", "ui", "config", *ui_flags(app)], cwd=app.dir, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(app.dir)})
         say("  · 生效配置 / effective configuration (python -m ui config):")
         say("\n".join("    " + line for line in (done.stdout or done.stderr).splitlines()))
     if cfg is not None and not stamp_ok:

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(parser)
     parser.add_argument("--check-model", action="store_true")
     parser.add_argument("--fetch", action="store_true", help="download the model when missing and source.download")
+    parser.add_argument("--no-choice", action="store_true", help="skip describing the backend choice (imports torch)")
     args = parser.parse_args(argv)
 
     def emit(obj: dict[str, Any]) -> int:
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         result["model"] = _check_model(manifest)
     except BackendError as exc:
         return emit({"ok": False, "kind": "model", "error": str(exc), "download": src.download})
+    if args.no_choice:
+        return emit(result)
     try:
         from backends.selection import describe_choice
 
