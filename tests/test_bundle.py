@@ -190,3 +190,12 @@ def test_bad_build_inputs(tmp_path: Path) -> None:
     cli = subprocess.run([sys.executable, "-m", "bundle", "verify", str(tmp_path / "missing.tar.gz")],
                          cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 2 and "no such file" in cli.stderr
+
+
+def test_cuda_target(tmp_path: Path) -> None:
+    archive = build(target="cuda", out_dir=tmp_path).archive
+    root = f"vibethinker-app-{VERSION}-cuda"
+    assert archive.name == f"{root}.tar.gz"
+    info = json.loads(_read(archive, f"{root}/BUNDLE.json"))
+    assert info["target"] == "cuda" and info["wheelhouse"] == "none"
+    assert verify_archive(archive).ok
