@@ -7,14 +7,16 @@ the manifest checks start instantly.
 from __future__ import annotations
 
 from .base import Backend
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest, to_sampling_params
 from .types import (
     BackendError,
     BackendInfo,
     ChatMessage,
+    ContextLengthExceeded,
     FinishReason,
     GenerationRequest,
     LoadProgress,
+    RequestError,
     SamplingParams,
     StreamChunk,
     Usage,
@@ -25,16 +27,19 @@ __all__ = [
     "BackendError",
     "BackendInfo",
     "ChatMessage",
+    "ContextLengthExceeded",
     "FinishReason",
     "GenerationRequest",
     "LoadProgress",
     "Manifest",
     "ManifestError",
+    "RequestError",
     "SamplingParams",
     "StreamChunk",
     "Usage",
     "create_backend",
     "load_manifest",
+    "to_sampling_params",
 ]
 
 

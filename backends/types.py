@@ -103,3 +103,13 @@ class BackendInfo:
 
 class BackendError(RuntimeError):
     """A problem the user can fix. The message names the file or setting and the fix."""
+
+
+class RequestError(BackendError):
+    """The request itself cannot be served as sent (empty, too long): the client must change it."""
+
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(RequestError):
+    code = "context_length_exceeded"

@@ -25,10 +25,11 @@ from backends import (
     ChatMessage,
     FinishReason,
     GenerationRequest,
+    RequestError,
     StreamChunk,
     Usage,
+    to_sampling_params,
 )
-from backends.manifest import to_sampling_params
 
 from .host import ModelHost, NotReady, QueueFull, Queued
 from .messages import strip_thinking
@@ -266,6 +267,8 @@ def build_router(host: ModelHost) -> APIRouter:
             return ApiError(503, str(exc), "server_error", code="model_not_ready").response()
         except QueueFull as exc:
             return ApiError(429, str(exc), "rate_limit_error", code="queue_full").response()
+        except RequestError as exc:
+            return ApiError(400, str(exc), "invalid_request_error", code=exc.code, param="messages").response()
         except BackendError as exc:
             return ApiError(500, str(exc), "server_error", code="backend_error").response()
 

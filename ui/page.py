@@ -10,8 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from backends import BackendError, FinishReason, GenerationRequest, Manifest, StreamChunk, Usage
-from backends.manifest import to_sampling_params
+from backends import BackendError, FinishReason, GenerationRequest, Manifest, StreamChunk, Usage, to_sampling_params
 
 from .host import ModelHost, NotReady, QueueFull, Queued
 from .messages import build_messages, mostly_chinese
