@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .types import BackendError, SamplingParams
+from .types import ContextLengthExceeded, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class BatchRunner:
         if len(ids) + max_tokens > self.max_request_tokens:
             max_tokens = self.max_request_tokens - len(ids)
             if max_tokens <= 0:
-                raise BackendError(
+                raise ContextLengthExceeded(
                     f"The conversation is {len(ids)} tokens but the batch cache holds {self.max_request_tokens} per "
                     f"request: raise transformers.batch_cache_tokens in manifest.yaml or start a new chat."
                 )
