@@ -35,8 +35,10 @@ from .reasoning import IncrementalDetokenizer, LoopDetector, ThinkSplitter, extr
 from .types import (
     BackendError,
     ChatMessage,
+    ContextLengthExceeded,
     FinishReason,
     GenerationRequest,
+    RequestError,
     SamplingParams,
     StreamChunk,
     Usage,
@@ -364,11 +366,11 @@ class EngineBackend(Backend):
     # -- streaming ------------------------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         if not request.messages:
-            raise BackendError("The request has no messages; send at least one user message.")
+            raise RequestError("The request has no messages; send at least one user message.")
         state = _RequestState(request)
         with self._registry:
             if request.request_id in self._requests:
-                raise BackendError(f"Request id {request.request_id!r} is already in use; use a new id.")
+                raise RequestError(f"Request id {request.request_id!r} is already in use; use a new id.")
             self._requests[request.request_id] = state
         iterator = self._iterate(state)
         # A stream that is dropped without ever being started must not stay registered.
@@ -432,7 +434,7 @@ class EngineBackend(Backend):
         # An empty system message would replace the template's default maths prompt with nothing.
         kept = [m for m in messages if not (m.role == "system" and not m.content.strip())]
         if not kept:
-            raise BackendError("The request has only an empty system message; add a user message.")
+            raise RequestError("The request has only an empty system message; add a user message.")
         return list(self.encode_chat(kept))
 
     def _generate(self, state: _RequestState) -> None:
@@ -442,7 +444,7 @@ class EngineBackend(Backend):
         prompt_ids = self._prompt_ids(state.request.messages)
         room = self.context_length - len(prompt_ids)
         if room <= 0:
-            raise BackendError(
+            raise ContextLengthExceeded(
                 f"对话太长 / The conversation is {len(prompt_ids)} tokens but the context window is "
                 f"{self.context_length}: start a new chat or shorten the messages."
             )

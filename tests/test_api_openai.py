@@ -222,3 +222,9 @@ def test_llamacpp_backend_through_the_api(tiny_gguf):
                 answer += choice.delta.content or ""
         assert reasoning.strip() and "\\boxed{4}" in answer
         assert usage is not None and usage.completion_tokens_details.reasoning_tokens > 0
+        # A conversation longer than the context window is the client's to fix: 400, not 500.
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, max_tokens=10,
+                                           messages=[{"role": "user", "content": "wait " * 3000}])
+        assert err.value.body["code"] == "context_length_exceeded"
+        assert "2048" in err.value.body["message"]
