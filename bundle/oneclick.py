@@ -813,6 +813,16 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def require_bundle(app: App) -> None:
+    if not (app.dir / "requirements").is_dir():
+        # A git checkout has no pinned requirements: they are written by the bundle build.
+        fail(f"✖ 这是源码目录, 不是解压后的发布包 / {app.dir} is a source checkout, not an extracted bundle "
+             "(no requirements/ folder).\n  修复 / Fix: build and extract the bundle first:\n"
+             "    python -m bundle build --target cpu && tar xzf dist/vibethinker-app-*-cpu.tar.gz -C /tmp "
+             "&& bash /tmp/vibethinker-app-*-cpu/1键推理.sh\n"
+             "  or, for development: pip install torch==2.13.0 -e '.[llamacpp]' && python -m ui serve")
+
+
 def cmd_start(app: App) -> int:
     # A platform stopping us (SIGTERM) during the install gets the same clean report as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -820,6 +830,7 @@ def cmd_start(app: App) -> int:
     if existing is not None:
         say(f"● 已在运行 / already running: pid {existing['pid']}, {existing['url']}  (bash 1键推理.sh stop 停止 / to stop)")
         return 0
+    require_bundle(app)
     t_all = time.monotonic()
     install = read_install_section(app.manifest)
     say("【1/5】环境检查 / preflight")
@@ -882,6 +893,7 @@ def cmd_start(app: App) -> int:
 
 
 def cmd_doctor(app: App) -> int:
+    require_bundle(app)
     problems = 0
     install = read_install_section(app.manifest)
     say("== doctor: 只检查, 不启动 / checks only, nothing is started ==")

@@ -5,6 +5,11 @@
 set -uo pipefail
 
 APP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# In a source checkout this file lives in scripts/ (the repository root has a link to it):
+# the app is the folder above.
+if [ ! -d "$APP_DIR/bundle" ] && [ -d "$APP_DIR/../bundle" ]; then
+    APP_DIR="$(cd "$APP_DIR/.." && pwd)"
+fi
 MIN_MAJOR=3
 MIN_MINOR=10
 CONDA_ENV="$APP_DIR/.conda-py311"

@@ -430,3 +430,14 @@ def test_readme_troubleshooting_matches_the_messages() -> None:
         zh, _, en = message.partition(" / ")
         assert zh in code, f"README lists {zh!r}, which nothing prints"
         assert en.split("…")[0].strip() in code, f"README lists {en!r}, which nothing prints"
+
+
+def test_source_checkout_says_to_build_the_bundle(tiny_model_dir: Path) -> None:
+    """`bash 1键推理.sh` in a git checkout (the root link) explains the bundle step, installs nothing."""
+    root = Path(__file__).resolve().parent.parent
+    before = sorted(p.name for p in root.iterdir())
+    run = _run(root, "--model", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(_free_port()))
+    assert run.returncode == 1, run.stdout
+    assert "source checkout, not an extracted bundle" in run.stdout
+    assert "python -m bundle build --target cpu" in run.stdout
+    assert sorted(p.name for p in root.iterdir()) == before, "nothing created in the checkout"

@@ -1,0 +1,1 @@
+scripts/1键推理.sh
