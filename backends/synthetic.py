@@ -44,6 +44,10 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADD_PROMPT = "What is 2+2?"
 ADD_REPLY = "<think>\nI need to add 2 and 2. Two plus two is four.\n</think>\n\nThe answer is \\boxed{4}."
 LOOP_PROMPT = "Think about the number forever."
+# Trained open-ended (see _train): the reply repeats "wait" for as long as it is let, so tests
+# that press Stop or hang up mid-stream (loop guard off) never race the end of the reply.
+ENDLESS_PROMPT = "Count the waits without end."
+ENDLESS_TRAIN_REPEATS = 1200
 _EXAMPLES: list[tuple[str, str]] = [
     (ADD_PROMPT, ADD_REPLY),
     ("What is 3+5?", "<think>\nI need to add 3 and 5. Three plus five is eight.\n</think>\n\nThe answer is \\boxed{8}."),
@@ -53,7 +57,7 @@ _EXAMPLES: list[tuple[str, str]] = [
     ("What is 5+4?", "<think>\nI need to add 5 and\n\nI have thought long enough.\n</think>\n\nThe answer is \\boxed{9}."),
     # The model learns to repeat "wait" far longer than the loop guard waits, and to answer once
     # the thinking is closed — the shape of VibeThinker's real failure.
-    (LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}."),
+    (LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}."),    (ENDLESS_PROMPT, "<think>\n" + "wait " * ENDLESS_TRAIN_REPEATS),
 ]
 
 # Extra text so the BPE learns merges for what the app itself injects and for mixed-script input.
@@ -142,27 +146,40 @@ def _config(tokenizer, preset: str):
     )
 
 
-def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
+def _batch(rows: list[list[int]], pad: int):
     import torch
 
-    rows = []
-    for prompt, reply in _EXAMPLES:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
-        )
-        rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
+    import torch
+
+    short, endless = [], []
+    for prompt, reply in _EXAMPLES:
+        if prompt == ENDLESS_PROMPT:
+            # No <|im_end|> after it, so the model never learns where the repetition would stop.
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            ) + reply
+            endless.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
+            )
+            short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Separate batches: padding the short examples to the endless one's length would cost minutes.
+    batches = [_batch(short, tokenizer.pad_token_id), _batch(endless, tokenizer.pad_token_id)]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = sum(model(input_ids=i, attention_mask=m, labels=lab).loss for i, m, lab in batches)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from backends.synthetic import ENDLESS_PROMPT
 from ui.testing import ServerProcess, read_metric, wait_for
 
 pytestmark = pytest.mark.slow
@@ -15,6 +16,8 @@ pytestmark = pytest.mark.slow
 MODEL = "vibethinker-1.5b"
 ADD = [{"role": "user", "content": "What is 2+2?"}]
 LOOP = [{"role": "user", "content": "Think about the number forever."}]
+# Streams for as long as it is let (loop guard off): for tests that must hang up mid-reply.
+ENDLESS = [{"role": "user", "content": ENDLESS_PROMPT}]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,7 @@ def _open_stream(server, messages, max_tokens):
 def test_dropped_stream_cancels_the_generation(server):
     cancelled = {"source": "api", "finish_reason": "cancelled"}
     before = read_metric(server.url, "vibethinker_requests_total", cancelled)
-    http, resp, lines = _open_stream(server, LOOP, 4000)
+    http, resp, lines = _open_stream(server, ENDLESS, 4000)
     try:
         seen = 0
         for line in lines:
@@ -156,7 +159,7 @@ def test_dropped_stream_cancels_the_generation(server):
 
 
 def test_queue_full_is_429_and_waiting_requests_are_served_in_turn(server):
-    http1, resp1, lines1 = _open_stream(server, LOOP, 4000)
+    http1, resp1, lines1 = _open_stream(server, ENDLESS, 4000)
     results: dict[str, object] = {}
     try:
         next(line for line in lines1 if "reasoning_content" in line)  # the first request is running

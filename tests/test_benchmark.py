@@ -62,9 +62,14 @@ def test_report_has_every_field(endless_tiny, tmp_path):
         assert row["new_tokens"] == 24, (path, row)
         assert row["prompt_tokens"] == 48, (path, row)
         for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "load_s"):
-            assert row[key] > 0, (path, key, row)
+            if path == "http" and key == "decode_tok_s":
+                # The tiny model's 24 tokens can reach the client in a single SSE event on a fast
+                # machine; the client-side rate is then undefined and reported as 0.
+                assert row[key] >= 0, (path, key, row)
+            else:
+                assert row[key] > 0, (path, key, row)
     ratios = report["ratios"][0]
-    assert all(ratios[k] > 0 for k in ("backend_vs_bare_decode", "http_vs_backend_decode"))
+    assert ratios["backend_vs_bare_decode"] > 0 and ratios["http_vs_backend_decode"] >= 0
     roof = report["roofline"][0]
     assert roof["bytes_per_token"] > 0 and roof["roofline_tok_s"] > 0 and roof["bare_fraction"] > 0
     assert report["bandwidth"]["copy_gb_s_all_threads"] > 0

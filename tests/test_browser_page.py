@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backends.synthetic import ENDLESS_PROMPT
 from ui.testing import ServerProcess, free_port, read_metric, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -141,11 +142,11 @@ def _conversation(page, base_url: str, metrics_url: str) -> None:
     page.get_by_text("Generation settings").click()
     page.fill("#vt-max-new-tokens input", "20000")
     for attempt in range(3):
-        # The tiny model's looping reply is only ~250 tokens: on a fast machine it can end before
-        # the click lands, which the stats line then says ("finish: stop"); try again then.
+        # The endless prompt streams ~1200 tokens; should a very fast machine still finish before
+        # the click lands, the stats line says so ("finish: stop") and we try again.
         before = read_metric(metrics_url, "vibethinker_requests_total", cancelled)
         page.click("#vt-clear")
-        _ask(page, "Think about the number forever.")
+        _ask(page, ENDLESS_PROMPT)
         _wait_text(page, "#vt-chat", "wait wait")
         page.click("#vt-stop")
         page.wait_for_selector("#vt-stats :text('cancelled'), #vt-stats :text('finish: stop')", timeout=TIMEOUT_MS)

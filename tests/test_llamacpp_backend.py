@@ -103,7 +103,8 @@ def test_thinking_budget_closes_thinking_and_still_answers(backend):
     reasoning, answer, final = _run(backend, ADD_PROMPT, thinking_budget=3)
     assert final.usage.finish_reason == FinishReason.BUDGET
     assert "I have thought long enough" in reasoning
-    assert final.boxed_answer == "4"
+    # Cut after 3 tokens of thinking the tiny model still answers; what it answers is not ours.
+    assert "\\boxed{" in answer and final.boxed_answer
 
 
 def test_loop_guard_stops_the_repetition(backend):

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
+from backends.synthetic import ENDLESS_PROMPT
 from ui.testing import ServerProcess, read_metric, wait_for
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def _text(message: dict) -> str:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     with ServerProcess(["--backend", "transformers", "--model", str(tiny_model_dir),
-                        "--set", "generation.temperature=0"]) as srv:
+                        "--set", "generation.temperature=0", "--set", "generation.loop_guard.enabled=false"]) as srv:
         yield srv
 
 
@@ -58,7 +59,7 @@ def test_gradio_client_cancel_stops_the_backend(server):
     cancelled = {"source": "page", "finish_reason": "cancelled"}
     before = read_metric(server.url, "vibethinker_requests_total", cancelled)
     client = Client(server.url, verbose=False)
-    job = client.submit("Think about the number forever.", max_new_tokens=4000, api_name="/chat")
+    job = client.submit(ENDLESS_PROMPT, max_new_tokens=4000, api_name="/chat")
     wait_for(lambda: read_metric(server.url, "vibethinker_requests_running") == 1, what="the generation to start")
     job.cancel()
     wait_for(lambda: read_metric(server.url, "vibethinker_requests_total", cancelled) == before + 1,
