@@ -125,6 +125,16 @@ def _ask(page, question: str) -> None:
     page.click("#vt-submit")
 
 
+def _clear(page) -> None:
+    """Press Clear and wait until it has taken effect. Clear also stops this session's running
+    request on the server, so a question sent before the clear lands would be stopped and wiped."""
+    page.click("#vt-clear")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#vt-chat .message-row').length === 0"
+        " && document.querySelector('#vt-stats').innerText.trim() === ''",
+        timeout=TIMEOUT_MS)
+
+
 def _conversation(page, base_url: str, metrics_url: str) -> None:
     page.goto(base_url)
     _wait_text(page, "#vt-status", "Ready")
@@ -145,7 +155,7 @@ def _conversation(page, base_url: str, metrics_url: str) -> None:
         # The endless prompt streams ~1200 tokens; should a very fast machine still finish before
         # the click lands, the stats line says so ("finish: stop") and we try again.
         before = read_metric(metrics_url, "vibethinker_requests_total", cancelled)
-        page.click("#vt-clear")
+        _clear(page)
         _ask(page, ENDLESS_PROMPT)
         _wait_text(page, "#vt-chat", "wait wait")
         page.click("#vt-stop")
