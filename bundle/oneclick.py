@@ -38,6 +38,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .reqfiles import source_requirement_files
+
 MIN_PYTHON = (3, 10)
 MIN_REUSED_TORCH = (2, 4)
 STAMP_NAME = ".vt-install-stamp.json"
@@ -117,8 +119,13 @@ class App:
     def target(self) -> str:
         return str(self.bundle.get("target", "cpu"))
 
+    @property
+    def source(self) -> bool:
+        """A git checkout: requirements come from pyproject.toml's ranges, written under run/."""
+        return bool(self.bundle.get("source"))
+
     def req(self, name: str) -> Path:
-        return self.dir / "requirements" / name
+        return (self.run_dir if self.source else self.dir) / "requirements" / name
 
 
 def read_install_section(path: Path) -> dict[str, str]:
@@ -735,6 +742,28 @@ def load_bundle_info(app: App) -> None:
         app.bundle = json.loads((app.dir / "BUNDLE.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         app.bundle = {"target": "cpu", "wheelhouse": "none"}
+    if not (app.dir / "requirements").is_dir() and (app.dir / "pyproject.toml").is_file():
+        # A git checkout: nothing was pinned by a bundle build, so install pyproject.toml's
+        # ranges, with the torch build that suits this machine.
+        app.bundle = {"target": "cuda" if gpu_info()[0] else "cpu", "wheelhouse": "none", "source": True}
+        write_source_requirements(app)
+
+
+def write_source_requirements(app: App) -> None:
+    """Rewritten only when pyproject.toml changed them, so that the install stamp stays valid."""
+    try:
+        files = source_requirement_files(app.dir)
+    except (OSError, KeyError, ValueError) as exc:
+        fail(f"✖ 无法读取 / cannot read {app.dir / 'pyproject.toml'}: {exc}\n"
+             f"  修复 / Fix: restore it from git (git checkout -- pyproject.toml), or use a release bundle.")
+    for name, text in files.items():
+        path = app.req(name)
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
 
 
 def preflight(app: App, install: dict[str, str]) -> tuple[bool, tuple[bool, str]]:
@@ -745,7 +774,11 @@ def preflight(app: App, install: dict[str, str]) -> tuple[bool, tuple[bool, str]
     say(f"  · CUDA toolkit: {nvcc[1]}")
     w = app.wheels
     wheels = f"{w} ({sum(1 for _ in w.glob('*.whl'))} wheels)" if w else "none (pip index)"
-    say(f"  · wheelhouse: {wheels}, bundle target: {app.target}")
+    if app.source:
+        say(f"  · 源码目录, 依赖按 pyproject.toml 的版本范围安装 / source checkout: dependencies from pyproject.toml's "
+            f"ranges (a release bundle pins the tested versions); target {app.target}")
+    else:
+        say(f"  · wheelhouse: {wheels}, bundle target: {app.target}")
     return gpu, nvcc
 
 
@@ -813,16 +846,6 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def require_bundle(app: App) -> None:
-    if not (app.dir / "requirements").is_dir():
-        # A git checkout has no pinned requirements: they are written by the bundle build.
-        fail(f"✖ 这是源码目录, 不是解压后的发布包 / {app.dir} is a source checkout, not an extracted bundle "
-             "(no requirements/ folder).\n  修复 / Fix: build and extract the bundle first:\n"
-             "    python -m bundle build --target cpu && tar xzf dist/vibethinker-app-*-cpu.tar.gz -C /tmp "
-             "&& bash /tmp/vibethinker-app-*-cpu/1键推理.sh\n"
-             "  or, for development: pip install torch==2.13.0 -e '.[llamacpp]' && python -m ui serve")
-
-
 def cmd_start(app: App) -> int:
     # A platform stopping us (SIGTERM) during the install gets the same clean report as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -830,7 +853,6 @@ def cmd_start(app: App) -> int:
     if existing is not None:
         say(f"● 已在运行 / already running: pid {existing['pid']}, {existing['url']}  (bash 1键推理.sh stop 停止 / to stop)")
         return 0
-    require_bundle(app)
     t_all = time.monotonic()
     install = read_install_section(app.manifest)
     say("【1/5】环境检查 / preflight")
@@ -893,7 +915,6 @@ def cmd_start(app: App) -> int:
 
 
 def cmd_doctor(app: App) -> int:
-    require_bundle(app)
     problems = 0
     install = read_install_section(app.manifest)
     say("== doctor: 只检查, 不启动 / checks only, nothing is started ==")

@@ -9,7 +9,6 @@ build; llama.cpp only when that backend can be chosen).
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,10 +17,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# Small set the one-click script installs first so that manifest.yaml can be validated through
-# the one schema (backends/manifest.py) before gigabytes are installed.
-BOOTSTRAP_ROOTS = ("pyyaml", "pydantic")
-SEPARATE = {"torch", "llama-cpp-python"}
+from .reqfiles import BOOTSTRAP, SEPARATE, torch_cpu_text, torch_cuda_text
+from .reqfiles import read_pyproject as project_metadata
 
 
 class RequirementsError(RuntimeError):
@@ -33,11 +30,6 @@ class PinnedSet:
     files: dict[str, str]  # file name under requirements/ -> text
     torch_version: str  # base version, e.g. "2.13.0"
     llamacpp_version: str | None
-
-
-def project_metadata(root: Path) -> dict:
-    with open(root / "pyproject.toml", "rb") as fh:
-        return tomllib.load(fh)["project"]
 
 
 def _closure(roots: list[Requirement], exclude: set[str]) -> dict[str, str]:
@@ -83,7 +75,7 @@ def pinned_requirements(root: Path) -> PinnedSet:
     project = project_metadata(root)
     deps = [Requirement(d) for d in project["dependencies"]]
     base = _closure(deps, exclude=set(SEPARATE))
-    bootstrap = _closure([Requirement(r) for r in BOOTSTRAP_ROOTS], exclude=set(SEPARATE))
+    bootstrap = _closure([Requirement(r) for r in BOOTSTRAP], exclude=set(SEPARATE))
     try:
         torch_version = metadata.version("torch").split("+", 1)[0]
     except metadata.PackageNotFoundError:
@@ -100,12 +92,8 @@ def pinned_requirements(root: Path) -> PinnedSet:
     files = {
         "bootstrap.txt": header + _lines(bootstrap),
         "base.txt": header + "# Everything the app needs except torch and llama-cpp-python.\n" + _lines(base),
-        "torch-cpu.txt": header
-        + "# CPU build: PyTorch's CPU index on Linux (PyPI's Linux wheel is the CUDA build, several GB).\n"
-        + "--extra-index-url https://download.pytorch.org/whl/cpu\n"
-        + f'torch=={torch_version}+cpu ; sys_platform == "linux"\n'
-        + f'torch=={torch_version} ; sys_platform != "linux"\n',
-        "torch-cuda.txt": header + "# CUDA build: PyPI's Linux wheel.\n" + f"torch=={torch_version}\n",
+        "torch-cpu.txt": torch_cpu_text(header, f"torch=={torch_version}+cpu", f"torch=={torch_version}"),
+        "torch-cuda.txt": torch_cuda_text(header, f"torch=={torch_version}"),
     }
     if llamacpp_version:
         files["llamacpp.txt"] = (

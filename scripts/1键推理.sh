@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # 1键推理.sh — 一键启动 VibeThinker 网页推理 / one-click start of the VibeThinker web app.
-# Run it from the extracted bundle. This file only finds a Python ≥ 3.10 (Gradio 6 needs it);
+# Run it from the extracted bundle (or a git checkout). This file only finds a Python ≥ 3.10 (Gradio 6 needs it);
 # everything else (checks, install, model, server) is bundle/oneclick.py, standard library only.
 set -uo pipefail
 

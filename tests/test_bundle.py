@@ -199,3 +199,33 @@ def test_cuda_target(tmp_path: Path) -> None:
     info = json.loads(_read(archive, f"{root}/BUNDLE.json"))
     assert info["target"] == "cuda" and info["wheelhouse"] == "none"
     assert verify_archive(archive).ok
+
+
+def test_source_requirements_match_pyproject_on_every_python(monkeypatch):
+    """A checkout's requirement files come from pyproject.toml; Python 3.10 (no tomllib) reads the same."""
+    import builtins
+    import tomllib
+
+    from bundle import reqfiles
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    with_tomllib = reqfiles.source_requirement_files(root)
+    real_import = builtins.__import__
+
+    def no_tomllib(name, *args, **kwargs):
+        if name == "tomllib":
+            raise ImportError("Python 3.10")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tomllib)
+    fallback = reqfiles.read_pyproject(root)
+    assert fallback["version"] == project["version"]
+    assert fallback["dependencies"] == project["dependencies"]
+    for extra in ("llamacpp", "modelscope"):
+        assert fallback["optional-dependencies"][extra] == project["optional-dependencies"][extra]
+    assert reqfiles.source_requirement_files(root) == with_tomllib
+    names = {reqfiles.requirement_name(line) for line in with_tomllib["base.txt"].splitlines() if not line.startswith("#")}
+    assert "torch" not in names and "llama-cpp-python" not in names and "gradio" in names
+    assert "llama-cpp-python>=" in with_tomllib["llamacpp.txt"]
+    assert f"--extra-index-url {reqfiles.CPU_TORCH_INDEX}" in with_tomllib["torch-cpu.txt"]
