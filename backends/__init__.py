@@ -7,7 +7,7 @@ the manifest checks start instantly.
 from __future__ import annotations
 
 from .base import Backend
-from .manifest import Manifest, ManifestError, load_manifest, to_sampling_params
+from .config import Manifest, ManifestError, load_manifest, to_sampling_params
 from .types import (
     BackendError,
     BackendInfo,
@@ -45,6 +45,6 @@ __all__ = [
 
 def create_backend(manifest: Manifest) -> Backend:
     """Build (not load) the backend the manifest selects. ``backend: auto`` is resolved here."""
-    from .selection import create_backend as _create
+    from .auto import create_backend as _create
 
     return _create(manifest)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backends.manifest import ManifestError, load_manifest
+from backends.config import ManifestError, load_manifest
 
 # Launcher flag -> dotted manifest key. The first five are also ``python -m ui serve`` flags.
 FLAG_KEYS = {
@@ -49,7 +49,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_model(manifest: Any) -> dict[str, Any]:
     """Everything the chosen engine needs from the model folder (raises BackendError)."""
-    from backends.checks import check_hf_folder, inspect_model_folder, require_gguf, verify_sha256
+    from backends.models.checks import check_hf_folder, inspect_model_folder, require_gguf, verify_sha256
 
     folder = inspect_model_folder(manifest.model.path, manifest.model.gguf_file)
     has_gguf = folder.gguf is not None or bool(folder.ggufs)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     src = manifest.model.source
     model_path = Path(manifest.model.path).expanduser()
     if args.fetch and src.download:
-        from backends.fetch import FetchError, fetch_model, folder_is_complete
+        from backends.models.fetch import FetchError, fetch_model, folder_is_complete
 
         if not folder_is_complete(model_path):
             try:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_choice:
         return emit(result)
     try:
-        from backends.selection import describe_choice
+        from backends.auto import describe_choice
 
         result["choice"] = describe_choice(manifest)
     except Exception as exc:  # doctor's extra line must not hide the checks above

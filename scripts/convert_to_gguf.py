@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.convert import QUANTS, convert_hf_to_gguf, default_gguf_name  # noqa: E402
+from backends.models.convert import QUANTS, convert_hf_to_gguf, default_gguf_name  # noqa: E402
 from backends.types import BackendError, LoadProgress  # noqa: E402
 
 

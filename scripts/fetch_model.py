@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.fetch import FetchError, fetch_model  # noqa: E402
+from backends.models.fetch import FetchError, fetch_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,10 +86,10 @@ fi
 # 4. The random 1.5B model (CPU work), its F16 and Q8_0 GGUFs in the background (numpy only;
 #    Q4_K_M needs llama.cpp's quantizer and waits for the build).
 say "building the random 1.5B model (cached in ~/.cache/vibethinker-app/bench)"
-$PY -c "from backends.bench_models import hf_model; print(hf_model('vibethinker-1.5b'))" >>"$LOG" 2>&1 \
+$PY -c "from bench.models import hf_model; print(hf_model('vibethinker-1.5b'))" >>"$LOG" 2>&1 \
   || { say "cannot build the bench model: stop (see $LOG)"; exit 1; }
 $PY -c "
-from backends.bench_models import hf_model, gguf_model
+from bench.models import hf_model, gguf_model
 f = hf_model('vibethinker-1.5b')
 for q in ('Q8_0', 'F16'):
     gguf_model(f, q)

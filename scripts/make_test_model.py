@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.synthetic import PRESETS, make_random_model, make_tiny_model  # noqa: E402
+from bench.synthetic import PRESETS, make_random_model, make_tiny_model  # noqa: E402
 
 
 def main() -> int:

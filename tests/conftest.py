@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny trained Qwen2 (HF safetensors + tokenizer + VibeThinker's template)."""
-    from backends.synthetic import make_tiny_model
+    from bench.synthetic import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-hf") / "vibethinker-tiny")
 
@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     """The same tiny model as an F32 GGUF (greedy parity with transformers)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]')")
-    from backends.convert import convert_hf_to_gguf
+    from backends.models.convert import convert_hf_to_gguf
 
     out = tmp_path_factory.mktemp("tiny-gguf") / "vibethinker-tiny-f32.gguf"
     return convert_hf_to_gguf(tiny_model_dir, out, "F32")

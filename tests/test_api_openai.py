@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from backends.synthetic import ENDLESS_PROMPT
-from ui.testing import ServerProcess, read_metric, wait_for
+from bench.synthetic import ENDLESS_PROMPT
+from helpers.server import ServerProcess, read_metric, wait_for
 
 pytestmark = pytest.mark.slow
 

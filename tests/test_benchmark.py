@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from backends import bench_models
-from backends.benchmark import make_plan, render_markdown, run
+from bench import models as bench_models
+from bench.benchmark import make_plan, render_markdown, run
 
 SUMMARY_FIELDS = {"engine", "path", "runs", "prompt_tokens", "new_tokens", "ttft_s", "prefill_tok_s",
                   "decode_tok_s", "decode_tok_s_all", "peak_rss_bytes", "load_s"}
@@ -28,7 +28,7 @@ def endless_tiny(tiny_model_dir, tmp_path_factory):
 
 
 def test_never_ending_model_decodes_the_full_length(endless_tiny):
-    from backends.bench_measure import EngineSpec, PathResult, Sampling, _bare_hf, make_prompts
+    from bench.measure import EngineSpec, PathResult, Sampling, _bare_hf, make_prompts
 
     prompts = make_prompts(str(endless_tiny), 48, 2)
     assert [len(p["ids"]) for p in prompts] == [48, 48]

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.synthetic import ENDLESS_PROMPT
-from ui.testing import ServerProcess, free_port, read_metric, wait_for
+from bench.synthetic import ENDLESS_PROMPT
+from helpers.server import ServerProcess, free_port, read_metric, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -101,7 +101,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
-    from ui.screenshot import launch
+    from helpers.browser import launch
 
     with playwright.sync_playwright() as p:
         b = launch(p, CHROMIUM)
@@ -246,7 +246,7 @@ def test_page_in_chinese(browser, server):
 
 
 def test_screenshot_script(browser, server, tmp_path):
-    from ui.screenshot import shoot
+    from helpers.browser import shoot
 
     out = shoot(browser, server.url + "/", tmp_path / "shot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

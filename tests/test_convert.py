@@ -1,4 +1,4 @@
-"""HF Qwen2 → GGUF conversion (backends.convert) on the tiny trained model."""
+"""HF Qwen2 → GGUF conversion (backends.models.convert) on the tiny trained model."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends import convert
-from backends.convert import conversion_is_current, convert_hf_to_gguf, stamp_path
-from backends.synthetic import ADD_PROMPT, CHAT_TEMPLATE
+from backends.models import convert
+from backends.models.convert import conversion_is_current, convert_hf_to_gguf, stamp_path
+from bench.synthetic import ADD_PROMPT, CHAT_TEMPLATE
 from backends.types import BackendError
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.fetch import INCOMPLETE_MARKER, FetchError, fetch_model, folder_is_complete
+from backends.models.fetch import INCOMPLETE_MARKER, FetchError, fetch_model, folder_is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "c0ffee" + "0" * 34

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from backends.checks import ModelFolderError
-from backends.gguf_source import ConversionNotAllowed
-from backends.manifest import load_manifest
-from backends.synthetic import ADD_PROMPT, LOOP_PROMPT
+from backends.models.checks import ModelFolderError
+from backends.models.gguf_source import ConversionNotAllowed
+from backends.config import load_manifest
+from bench.synthetic import ADD_PROMPT, LOOP_PROMPT
 from backends.types import BackendError, ChatMessage, FinishReason, GenerationRequest, SamplingParams
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-from backends.llamacpp_backend import LlamaCppBackend, LlamaCppUnavailable, physical_cores  # noqa: E402
+from backends.engines.llamacpp import LlamaCppBackend, LlamaCppUnavailable, physical_cores  # noqa: E402
 
 
 def _manifest(path: Path, **overrides):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.checks import (
+from backends.models.checks import (
     ModelFolderError,
     check_gguf_file,
     check_hf_folder,
@@ -284,8 +284,8 @@ def test_sha256_check(tmp_path):
 
 def test_sha256_via_the_backend_load(tmp_path, tiny_model_dir):
     pytest.importorskip("torch")
-    from backends.manifest import Manifest
-    from backends.transformers_backend import TransformersBackend
+    from backends.config import Manifest
+    from backends.engines.transformers import TransformersBackend
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, folder)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.manifest import load_manifest
+from backends.config import load_manifest
 from backends.types import ChatMessage, SamplingParams
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-from backends.llamacpp_backend import LlamaCppBackend  # noqa: E402
+from backends.engines.llamacpp import LlamaCppBackend  # noqa: E402
 
 CHATS = [
     [ChatMessage("user", "Hello! 你好，请计算 12+34 等于几？ Answer in English, 2024 年。")],

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from backends.generation import CLOSE_THINKING_TEXT, EngineBackend, FairLock
-from backends.manifest import Manifest
+from backends.driver import CLOSE_THINKING_TEXT, EngineBackend, FairLock
+from backends.config import Manifest
 from backends.reasoning import (
     IncrementalDetokenizer,
     LoopDetector,

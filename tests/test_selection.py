@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from backends import gguf_source, selection
-from backends.convert import default_gguf_name, stamp_path
-from backends.manifest import load_manifest
-from backends.selection import AutoBackend, create_backend, describe_choice
+from backends import auto as selection
+from backends.models import gguf_source
+from backends.models.convert import default_gguf_name, stamp_path
+from backends.config import load_manifest
+from backends.auto import AutoBackend, create_backend, describe_choice
 from backends.types import BackendError
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-from backends.llamacpp_backend import LlamaCppBackend, LlamaCppUnavailable  # noqa: E402
+from backends.engines.llamacpp import LlamaCppBackend, LlamaCppUnavailable  # noqa: E402
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_read_only_model_folder_uses_the_cache(model, tmp_path, conversions, mon
 
 
 def test_explicit_transformers_is_honoured(model, tmp_path, conversions):
-    from backends.transformers_backend import TransformersBackend
+    from backends.engines.transformers import TransformersBackend
 
     b = create_backend(_manifest(model, tmp_path, backend="transformers"))
     assert isinstance(b, TransformersBackend)
@@ -136,7 +137,7 @@ def test_explicit_llamacpp_converts_on_the_way(model, tmp_path, conversions):
 def test_auto_falls_back_to_transformers_without_llama_cpp(model, tmp_path, conversions, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     assert "llama.cpp unavailable" in describe_choice(_manifest(model, tmp_path))
-    with caplog.at_level(logging.WARNING, logger="backends.selection"):
+    with caplog.at_level(logging.WARNING, logger="backends.auto"):
         b = _load(_manifest(model, tmp_path))
     try:
         info = b.info()

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backends.manifest import Manifest  # noqa: E402
-from backends.synthetic import ADD_PROMPT, ADD_REPLY, LOOP_PROMPT  # noqa: E402
-from backends.transformers_backend import TransformersBackend  # noqa: E402
+from backends.config import Manifest  # noqa: E402
+from bench.synthetic import ADD_PROMPT, ADD_REPLY, LOOP_PROMPT  # noqa: E402
+from backends.engines.transformers import TransformersBackend  # noqa: E402
 from backends.types import (  # noqa: E402
     BackendError,
     ChatMessage,

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from backends import create_backend, load_manifest
 from ui.app import ForwardedPrefixMiddleware, build_app, normalize_root_path
 from ui.host import ModelHost
-from ui.testing import ROOT
+from helpers.server import ROOT
 
 ADD = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -149,7 +149,7 @@ def test_waiting_page_user_sees_the_queue_position(tiny_model_dir):
     import uvicorn
     from gradio_client import Client
 
-    from ui.testing import free_port, wait_for
+    from helpers.server import free_port, wait_for
 
     host = ModelHost(_manifest(tiny_model_dir, **{"generation.temperature": 0}))
     host.start_loading()

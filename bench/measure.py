@@ -4,10 +4,10 @@ Three ways to run the same model on the same prompts:
 
 - ``bare``: the library alone (``model.generate`` / ``llama_cpp.Llama.generate``), the baseline;
 - ``backend``: our :class:`~backends.base.Backend` (``create_backend(manifest).stream``);
-- ``http`` (in :mod:`backends.bench_http`): our server's SSE stream, measured from a client.
+- ``http`` (in :mod:`bench.over_http`): our server's SSE stream, measured from a client.
 
 Every run decodes exactly ``new_tokens`` tokens (the bench models cannot end a reply, see
-:mod:`backends.bench_models`) from a prompt of exactly ``prompt_tokens`` tokens. Each repetition
+:mod:`bench.models`) from a prompt of exactly ``prompt_tokens`` tokens. Each repetition
 uses a different prompt of the same length so that no prefix cache can skip the prefill.
 
 Definitions, the same on every path:
@@ -15,7 +15,7 @@ Definitions, the same on every path:
 - prefill tok/s: prompt tokens ÷ TTFT (so it includes queueing and sampling the first token);
 - decode tok/s: (new tokens − 1) ÷ (time of the last token − time of the first token).
 
-A worker runs in its own process (``python -m backends.benchmark worker SPEC``) so that its peak
+A worker runs in its own process (``python -m bench.benchmark worker SPEC``) so that its peak
 resident memory (VmHWM) belongs to that configuration alone.
 """
 from __future__ import annotations
@@ -239,7 +239,7 @@ def _bare_hf(spec: EngineSpec, prompts: list[dict], new_tokens: int, sampling: S
 
 def llama_kwargs(spec: EngineSpec) -> dict[str, Any]:
     """The Llama() settings our llama.cpp backend derives from the same manifest values."""
-    from .llamacpp_backend import physical_cores
+    from backends.engines.llamacpp import physical_cores
 
     threads = spec.n_threads or physical_cores()
     # As the backend: flash attention "auto" is on when layers are offloaded (f16 KV cache).
@@ -303,9 +303,9 @@ def backend_manifest_data(spec: EngineSpec) -> dict[str, Any]:
 
 def _via_backend(spec: EngineSpec, prompts: list[dict], new_tokens: int, sampling: Sampling, warmup: int,
                  result: PathResult) -> None:
-    from . import create_backend
-    from .manifest import Manifest
-    from .types import ChatMessage, GenerationRequest, SamplingParams
+    from backends import create_backend
+    from backends.config import Manifest
+    from backends.types import ChatMessage, GenerationRequest, SamplingParams
 
     manifest = Manifest.model_validate(backend_manifest_data(spec))
     backend = create_backend(manifest)
@@ -363,7 +363,7 @@ def run_worker(job: dict[str, Any]) -> PathResult:
 
 
 def worker_main(argv: list[str]) -> int:
-    """Entry of ``python -m backends.benchmark worker JOB.json``: prints one result line."""
+    """Entry of ``python -m bench.benchmark worker JOB.json``: prints one result line."""
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     result = run_worker(job)
     print(RESULT_MARK + json.dumps(result.to_json()), flush=True)

@@ -1,7 +1,7 @@
 """The llama.cpp engine (llama-cpp-python): a GGUF on the CPU, or offloaded to a CUDA GPU.
 
 Only loading and the engine hooks live here; queueing, the ``<think>`` split, the thinking budget,
-the loop guard and usage are the shared driver's (:class:`backends.generation.EngineBackend`).
+the loop guard and usage are the shared driver's (:class:`backends.driver.EngineBackend`).
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .base import ProgressCallback
-from .checks import verify_sha256
-from .generation import EngineBackend
-from .gguf_source import ensure_gguf
-from .manifest import Manifest
-from .types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
+from ..base import ProgressCallback
+from ..models.checks import verify_sha256
+from ..driver import EngineBackend
+from ..models.gguf_source import ensure_gguf
+from ..config import Manifest
+from ..types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Order of preference for a model folder:
    in the folder themselves (no stamp); else convert now — into the model folder when it is
    writable, otherwise into ``model.cache_dir`` (default ``~/.cache/vibethinker-app/gguf``).
 
-A conversion writes a temporary file and a stamp (see :mod:`backends.convert`), so an
+A conversion writes a temporary file and a stamp (see :mod:`backends.models.convert`), so an
 interrupted or stale one is never loaded: it is redone. Two processes converting the same
 checkpoint take turns on a lock file.
 """
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import ProgressCallback
+from ..base import ProgressCallback
 from .checks import ModelFolder, check_gguf_file, inspect_model_folder, require_gguf
 from .convert import (
     conversion_is_current,
@@ -36,8 +36,8 @@ from .convert import (
     remove_partials,
     stamp_path,
 )
-from .manifest import Manifest
-from .types import BackendError
+from ..config import Manifest
+from ..types import BackendError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``python scripts/benchmark.py [--quick] [--device cpu|cuda] [--out reports/]``.
 
-Measures the random-weight VibeThinker-1.5B (real architecture, see :mod:`backends.bench_models`)
+Measures the random-weight VibeThinker-1.5B (real architecture, see :mod:`bench.models`)
 side by side through the bare library, our backend and our HTTP API; many users at once; how
 fast the SSE path delivers a fast stream; and the memory-bandwidth roofline. Writes
 ``benchmark.md`` and ``benchmark.json`` and prints each target as PASS/MISS with its reason.
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bench_http, bench_models
-from .bench_measure import (
+from . import models as bench_models
+from . import over_http as bench_http
+from .measure import (
     RESULT_MARK,
     EngineSpec,
     PathResult,
@@ -135,7 +136,7 @@ def run_in_worker(job: dict[str, Any], timeout_s: float) -> PathResult:
         json.dump(job, fh)
         job_path = fh.name
     try:
-        proc = subprocess.run([sys.executable, "-m", "backends.benchmark", "worker", job_path], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "bench.benchmark", "worker", job_path], cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout_s,
                               env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     except subprocess.TimeoutExpired:
@@ -174,7 +175,7 @@ def machine_info(device: str) -> dict[str, Any]:
     except OSError:
         pass
     try:
-        from .llamacpp_backend import physical_cores
+        from backends.engines.llamacpp import physical_cores
 
         info["physical_cores"] = physical_cores()
     except Exception:  # noqa: BLE001

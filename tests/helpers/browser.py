@@ -1,6 +1,6 @@
 """Screenshot of the page with an answered question (the README's picture).
 
-``python -m ui.screenshot --url http://127.0.0.1:8080/ --out docs/screenshot.png``
+``python -m helpers.browser --url http://127.0.0.1:8080/ --out docs/screenshot.png``
 Needs Playwright (pip) and a Chromium (Debian: apt-get install chromium).
 """
 from __future__ import annotations

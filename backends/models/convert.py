@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import BackendError, LoadProgress
+from ..types import BackendError, LoadProgress
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from .base import Backend, ProgressCallback
-from .checks import ModelFolder, cuda_available, inspect_model_folder
-from .manifest import Manifest
+from .models.checks import ModelFolder, cuda_available, inspect_model_folder
+from .config import Manifest
 from .types import BackendError, BackendInfo, GenerationRequest, StreamChunk
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,20 @@ def create_backend(manifest: Manifest) -> Backend:
 
 
 def _transformers(manifest: Manifest) -> Backend:
-    from .transformers_backend import TransformersBackend
+    from .engines.transformers import TransformersBackend
 
     return TransformersBackend(manifest)
 
 
 def _llamacpp(manifest: Manifest, **kwargs: Any) -> Backend:
-    from .llamacpp_backend import LlamaCppBackend
+    from .engines.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(manifest, **kwargs)
 
 
 def llama_cpp_problem() -> str | None:
     """Why llama-cpp-python cannot be used here, or None when it can."""
-    from .llamacpp_backend import import_llama_cpp
+    from .engines.llamacpp import import_llama_cpp
 
     try:
         import_llama_cpp()
@@ -111,7 +111,7 @@ class AutoBackend(Backend):
             self._inner = inner
             self.reason = f"{why_cpu}; llama.cpp unavailable → transformers on {inner.info().device} (slower)"
             return
-        from .gguf_source import NotEnoughDisk
+        from .models.gguf_source import NotEnoughDisk
 
         llama = _llamacpp(self.manifest)
         try:
@@ -190,7 +190,7 @@ def describe_choice(manifest: Manifest) -> str:
 
 
 def _gguf_plan_text(manifest: Manifest, folder: ModelFolder) -> str:
-    from .gguf_source import NotEnoughDisk, plan_gguf
+    from .models.gguf_source import NotEnoughDisk, plan_gguf
 
     try:
         return plan_gguf(manifest, folder).why

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .types import BackendError
+from ..types import BackendError
 
 log = logging.getLogger(__name__)
 

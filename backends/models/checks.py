@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .types import BackendError
+from ..types import BackendError
 
 SUPPORTED_GGUF_ARCHITECTURES = ("qwen2",)
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")

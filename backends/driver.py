@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .base import Backend
-from .manifest import Manifest
+from .config import Manifest
 from .reasoning import IncrementalDetokenizer, LoopDetector, ThinkSplitter, extract_boxed
 from .types import (
     BackendError,

@@ -260,7 +260,7 @@ def load_manifest(
 
 def to_sampling_params(gen: GenerationSettings, **changes: Any):
     """Generation defaults from the manifest as backend SamplingParams (request fields override)."""
-    from .types import SamplingParams
+    from ..types import SamplingParams
 
     values = dict(
         temperature=gen.temperature,

@@ -127,7 +127,7 @@ def hf_model(preset: str, cache: Path = DEFAULT_CACHE, progress: Progress | None
 
 def gguf_model(hf_folder: Path, quant: str, progress: Progress | None = None) -> Path:
     """``hf_folder`` converted to GGUF ``quant`` with the app's converter (cached by its stamp)."""
-    from .convert import conversion_is_current, convert_hf_to_gguf
+    from backends.models.convert import conversion_is_current, convert_hf_to_gguf
 
     out = hf_folder.parent / f"{hf_folder.name}-{quant}.gguf"
     current, why = conversion_is_current(hf_folder, out, quant)

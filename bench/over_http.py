@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bench_measure import EngineSpec, PathResult, Run, Sampling, backend_manifest_data, peak_rss_bytes
+from .measure import EngineSpec, PathResult, Run, Sampling, backend_manifest_data, peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ anything ourselves: :class:`BatchRunner` owns one manager for the loaded model, 
 outputs to the request that asked for them, and gives the shared driver the same per-token
 ``decode_loop`` contract as the one-at-a-time path, so streaming, the ``<think>`` split, the thinking
 budget (a follow-up request with prompt + generated + closing ids), the loop guard, cancellation and
-usage all stay in :mod:`backends.generation`.
+usage all stay in :mod:`backends.driver`.
 
 What the manager cannot do per request, and how we stay honest about it:
 - sampling mode: the manager samples for every request (``do_sample`` is one switch); a greedy
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .types import ContextLengthExceeded, SamplingParams
+from ..types import ContextLengthExceeded, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The transformers engine: a Hugging Face checkpoint on CUDA (fp16/bf16) or the CPU (fp32/bf16).
 
 Only loading and the engine hooks live here; requests, reasoning, budget and loop guard are the
-shared driver's (:mod:`backends.generation`). torch and transformers are imported on load so that
+shared driver's (:mod:`backends.driver`). torch and transformers are imported on load so that
 ``--help`` and ``doctor`` stay fast.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import ProgressCallback
-from .checks import check_hf_folder, inspect_model_folder, require_cuda, verify_sha256
-from .generation import EngineBackend
-from .manifest import Manifest
+from ..base import ProgressCallback
+from ..models.checks import check_hf_folder, inspect_model_folder, require_cuda, verify_sha256
+from ..driver import EngineBackend
+from ..config import Manifest
 from .transformers_batching import POLL_S, BatchRunner, BatchSettings, cache_tokens_for
-from .types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
+from ..types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
 
 log = logging.getLogger(__name__)
 
