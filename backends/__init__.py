@@ -6,6 +6,8 @@ the manifest checks start instantly.
 """
 from __future__ import annotations
 
+from . import registry
+from .auto import create_backend, describe_choice
 from .base import Backend
 from .config import Manifest, ManifestError, load_manifest, to_sampling_params
 from .types import (
@@ -13,6 +15,7 @@ from .types import (
     BackendInfo,
     ChatMessage,
     ContextLengthExceeded,
+    EngineUnavailable,
     FinishReason,
     GenerationRequest,
     LoadProgress,
@@ -28,6 +31,7 @@ __all__ = [
     "BackendInfo",
     "ChatMessage",
     "ContextLengthExceeded",
+    "EngineUnavailable",
     "FinishReason",
     "GenerationRequest",
     "LoadProgress",
@@ -38,6 +42,8 @@ __all__ = [
     "StreamChunk",
     "Usage",
     "create_backend",
+    "describe_choice",
+    "registry",
     "load_manifest",
     "to_sampling_params",
 ]

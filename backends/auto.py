@@ -1,14 +1,12 @@
-"""Which engine runs the model: ``backend: transformers | llamacpp | auto``.
+"""Which engine runs the model: ``backend: <engine>`` or ``backend: auto``.
 
 An explicit choice is honoured as is: if it cannot run, loading fails with a fix-it message and
-nothing falls back silently. ``auto`` (issue 7) is resolved inside :meth:`AutoBackend.load`,
-not in :func:`create_backend`, because its CPU path may first convert the HF checkpoint to GGUF
-(minutes) and the server must already be answering ``/health`` with "converting…" meanwhile:
-
-- a usable CUDA GPU (and an HF checkpoint) → transformers (float16);
-- otherwise → llama.cpp on the CPU, converting the checkpoint to ``model.gguf_quant`` once;
-- llama.cpp impossible (llama-cpp-python missing or broken, no disk room for the GGUF) →
-  transformers, with a warning in the log and in ``BackendInfo.reason``.
+nothing falls back silently. ``auto`` asks every registered engine for its bid
+(:func:`backends.registry.ranked`) and loads the best one that can run here; an engine that turns
+out unusable (its library missing, no disk room to prepare its model: :class:`EngineUnavailable`)
+hands over to the next bid, with a warning in the log and in ``BackendInfo.reason``. It is resolved
+inside :meth:`AutoBackend.load`, not in :func:`create_backend`, because preparing the model may
+take minutes (an HF → GGUF conversion) and the server must already answer ``/health`` meanwhile.
 """
 from __future__ import annotations
 
@@ -17,53 +15,47 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from . import registry
 from .base import Backend, ProgressCallback
-from .models.checks import ModelFolder, cuda_available, inspect_model_folder
 from .config import Manifest
-from .types import BackendError, BackendInfo, GenerationRequest, StreamChunk
+from .models.checks import cuda_available, inspect_model_folder
+from .registry import AutoContext, AutoRank, EngineSpec
+from .types import BackendError, BackendInfo, EngineUnavailable, GenerationRequest, StreamChunk
 
 log = logging.getLogger(__name__)
 
 
 def create_backend(manifest: Manifest) -> Backend:
     """Build (not load) the backend the manifest selects. Cheap: nothing heavy is imported."""
-    if manifest.backend == "transformers":
-        return _transformers(manifest)
-    if manifest.backend == "llamacpp":
-        return _llamacpp(manifest)
-    return AutoBackend(manifest)
+    if manifest.backend == "auto":
+        return AutoBackend(manifest)
+    return registry.get(manifest.backend).create(manifest)
 
 
-def _transformers(manifest: Manifest) -> Backend:
-    from .engines.transformers import TransformersBackend
-
-    return TransformersBackend(manifest)
-
-
-def _llamacpp(manifest: Manifest, **kwargs: Any) -> Backend:
-    from .engines.llamacpp import LlamaCppBackend
-
-    return LlamaCppBackend(manifest, **kwargs)
+def auto_context(manifest: Manifest, gpu: bool | None = None) -> AutoContext:
+    """The facts ``auto`` ranks engines by. ``gpu`` None = ask torch (the launcher passes what
+    nvidia-smi says, before torch is installed)."""
+    folder = inspect_model_folder(manifest.model.path, manifest.model.gguf_file)
+    return AutoContext(manifest=manifest, folder=folder, gpu=cuda_available() if gpu is None else gpu)
 
 
-def llama_cpp_problem() -> str | None:
-    """Why llama-cpp-python cannot be used here, or None when it can."""
-    from .engines.llamacpp import import_llama_cpp
-
-    try:
-        import_llama_cpp()
-    except BackendError as exc:
-        return str(exc)
-    return None
-
-
-def _gpu_usable(manifest: Manifest) -> bool:
-    return manifest.transformers.device != "cpu" and cuda_available()
+def auto_candidates(manifest: Manifest, gpu: bool | None = None) -> list[tuple[EngineSpec, AutoRank]]:
+    return registry.ranked(auto_context(manifest, gpu))
 
 
 def _short(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _no_engine(ctx: AutoContext, bids: list[tuple[EngineSpec, AutoRank]],
+               skipped: list[tuple[str, str]]) -> BackendError:
+    where = ctx.folder.path if ctx.folder is not None else ctx.manifest.model.path
+    if not bids:
+        return BackendError(f"backend: auto — no engine can run the model in {where}; choose one with --backend.")
+    why = bids[0][1].why
+    return BackendError(f"backend: auto — {why}, but no engine can run it here: "
+                        + "; ".join(f"{label}: {problem}" for label, problem in skipped))
 
 
 class AutoBackend(Backend):
@@ -84,47 +76,40 @@ class AutoBackend(Backend):
         """The engine chosen by :meth:`load` (None before)."""
         return self._inner
 
-    def _fallback(self, why: str) -> Backend:
-        self.warnings.append(why)
-        log.warning("backend: auto — %s; using transformers on the CPU instead (slower). / 改用 transformers (CPU)", why)
-        return _transformers(self.manifest)
-
     def load(self, progress: ProgressCallback | None = None) -> None:
         if self._inner is not None:
             self._inner.load(progress)
             return
-        folder = inspect_model_folder(self.manifest.model.path, self.manifest.model.gguf_file)
-        gguf_only = folder.kind == "gguf" or bool(self.manifest.model.gguf_file)
-        if not gguf_only and _gpu_usable(self.manifest):
-            inner = _transformers(self.manifest)
-            inner.load(progress)
-            info = inner.info()
-            self._inner, self.reason = inner, f"CUDA GPU found → transformers {info.dtype} on {info.device}"
+        ctx = auto_context(self.manifest)
+        bids = registry.ranked(ctx)
+        skipped: list[tuple[str, str]] = []
+        for number, (spec, bid) in enumerate(bids):
+            following = bids[number + 1][0].label if number + 1 < len(bids) else None
+            problem = spec.problem()
+            engine: Backend | None = None
+            if problem is None:
+                engine = spec.create(self.manifest)
+                try:
+                    engine.load(progress)
+                except EngineUnavailable as exc:
+                    problem = str(exc)
+                    engine.close()
+            if problem is not None:
+                note = f"{spec.label} is unavailable ({_short(problem, 300)})"
+                skipped.append((spec.label, problem))
+                self.warnings.append(note)
+                log.warning("backend: auto — %s%s", note,
+                            f"; using {following} instead / 改用 {following}" if following else "")
+                continue
+            assert engine is not None
+            info = engine.info()
+            prefix = "; ".join([bids[0][1].why] + [f"{label} unavailable ({_short(problem, 100)})"
+                                                   for label, problem in skipped])
+            self._inner = engine
+            self.reason = f"{prefix} → {spec.label} {info.dtype} on {info.device}" + (
+                " (slower)" if skipped else "")
             return
-        why_cpu = "the model folder holds a GGUF" if gguf_only else "no CUDA GPU found"
-        problem = llama_cpp_problem()
-        if problem is not None:
-            if gguf_only:
-                raise BackendError(f"backend: auto — {why_cpu}, which only llama.cpp can run, but: {problem}")
-            inner = self._fallback(f"llama.cpp is unavailable ({_short(problem)})")
-            inner.load(progress)
-            self._inner = inner
-            self.reason = f"{why_cpu}; llama.cpp unavailable → transformers on {inner.info().device} (slower)"
-            return
-        from .models.gguf_source import NotEnoughDisk
-
-        llama = _llamacpp(self.manifest)
-        try:
-            llama.load(progress)
-        except NotEnoughDisk as exc:
-            inner = self._fallback(f"no room to convert the checkpoint to GGUF ({_short(str(exc), 300)})")
-            inner.load(progress)
-            self._inner = inner
-            self.reason = f"{why_cpu}; no disk room for the GGUF → transformers on {inner.info().device} (slower)"
-            return
-        info = llama.info()
-        self._inner = llama
-        self.reason = f"{why_cpu} → llama.cpp {info.dtype} on {info.device}"
+        raise _no_engine(ctx, bids, skipped)
 
     @property
     def loaded(self) -> bool:
@@ -140,6 +125,10 @@ class AutoBackend(Backend):
 
     def cancel(self, request_id: str) -> bool:
         return self._inner.cancel(request_id) if self._inner is not None else False
+
+    @property
+    def capacity(self) -> int:
+        return self._inner.capacity if self._inner is not None else 1
 
     def info(self) -> BackendInfo:
         if self._inner is None:
@@ -163,38 +152,40 @@ class AutoBackend(Backend):
         return getattr(inner, attr)
 
 
-def describe_choice(manifest: Manifest) -> str:
-    """What ``create_backend(manifest).load()`` would run and why, without loading (for doctor)."""
+def _plan_of(spec: EngineSpec, ctx: AutoContext | None) -> str:
+    if spec.plan is None or ctx is None or ctx.folder is None:
+        return spec.summary
     try:
-        folder = inspect_model_folder(manifest.model.path, manifest.model.gguf_file)
-    except BackendError as exc:
-        return f"backend: {manifest.backend} — the model folder is not usable: {exc}"
-    if manifest.backend == "transformers":
-        where = "CUDA" if _gpu_usable(manifest) else "the CPU"
-        return f"backend: transformers (as configured) → transformers on {where}"
-    gguf_only = folder.kind == "gguf" or bool(manifest.model.gguf_file)
-    if manifest.backend == "llamacpp":
-        problem = llama_cpp_problem()
-        if problem is not None:
-            return f"backend: llamacpp (as configured) — will fail: {problem}"
-        return f"backend: llamacpp (as configured) → llama.cpp: {_gguf_plan_text(manifest, folder)}"
-    if not gguf_only and _gpu_usable(manifest):
-        return "backend: auto → transformers float16 (a CUDA GPU is usable)"
-    why_cpu = "the model folder holds a GGUF" if gguf_only else "no CUDA GPU found"
-    problem = llama_cpp_problem()
-    if problem is not None:
-        if gguf_only:
-            return f"backend: auto — {why_cpu} but llama.cpp is unavailable, so loading will fail: {problem}"
-        return f"backend: auto — {why_cpu}; llama.cpp unavailable ({_short(problem)}) → transformers on the CPU"
-    return f"backend: auto — {why_cpu} → llama.cpp: {_gguf_plan_text(manifest, folder)}"
-
-
-def _gguf_plan_text(manifest: Manifest, folder: ModelFolder) -> str:
-    from .models.gguf_source import NotEnoughDisk, plan_gguf
-
-    try:
-        return plan_gguf(manifest, folder).why
-    except NotEnoughDisk as exc:
-        return f"cannot convert: {exc}"
+        return spec.plan(ctx)
     except BackendError as exc:
         return f"not usable: {exc}"
+
+
+def describe_choice(manifest: Manifest, gpu: bool | None = None) -> str:
+    """What ``create_backend(manifest).load()`` would run and why, without loading (for doctor)."""
+    if manifest.backend != "auto":
+        spec = registry.get(manifest.backend)
+        ctx = None
+        if spec.needs_local_model:
+            try:
+                ctx = auto_context(manifest, gpu)
+            except BackendError as exc:
+                return f"backend: {spec.name} — the model folder is not usable: {exc}"
+        problem = spec.problem()
+        if problem is not None:
+            return f"backend: {spec.name} (as configured) — will fail: {problem}"
+        return f"backend: {spec.name} (as configured) → {spec.label}: {_plan_of(spec, ctx)}"
+    try:
+        ctx = auto_context(manifest, gpu)
+    except BackendError as exc:
+        return f"backend: auto — the model folder is not usable: {exc}"
+    notes: list[tuple[str, str]] = []
+    bids = registry.ranked(ctx)
+    for spec, bid in bids:
+        problem = spec.problem()
+        if problem is not None:
+            notes.append((spec.label, problem))
+            continue
+        head = "; ".join([bids[0][1].why] + [f"{label} unavailable ({_short(p)})" for label, p in notes])
+        return f"backend: auto — {head} → {spec.label}: {_plan_of(spec, ctx)}"
+    return f"will fail: {_no_engine(ctx, bids, notes)}"

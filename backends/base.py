@@ -40,5 +40,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def info(self) -> BackendInfo: ...
 
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine decodes at once once loaded (the server admits exactly this many)."""
+        return 1
+
     def close(self) -> None:
         """Free the model's memory. The backend may be loaded again afterwards."""

@@ -281,7 +281,7 @@ class EngineBackend(Backend):
     (load/close), and may call :meth:`cancel_all` first in ``close``.
 
     Many users (optional): an engine that decodes several requests together passes
-    ``max_concurrent=N`` to ``__init__``. Up to N requests then run ``decode_loop`` at the same
+    ``capacity=N`` to ``__init__``. Up to N requests then run ``decode_loop`` at the same
     time, each in its own worker thread (the rest wait in the same FIFO line), and
     ``decode_loop`` must be safe to call from several threads at once. Inside ``decode_loop``
     :meth:`request_cancelled` tells whether the current request was cancelled, so that an engine
@@ -292,16 +292,16 @@ class EngineBackend(Backend):
     eos_token_ids: frozenset[int] = frozenset()
     context_length: int = 0
 
-    def __init__(self, manifest: Manifest, max_concurrent: int = 1) -> None:
+    def __init__(self, manifest: Manifest, capacity: int = 1) -> None:
         self.manifest = manifest
-        self._lock = FairLock(max_concurrent)
+        self._lock = FairLock(capacity)
         self._requests: dict[str, _RequestState] = {}
         self._registry = threading.Lock()
         # The request a worker thread is generating (for request_cancelled inside decode_loop).
         self._current = threading.local()
 
     @property
-    def max_concurrent(self) -> int:
+    def capacity(self) -> int:
         """Requests decoded at the same time (1 = one at a time, in a fair FIFO line)."""
         return self._lock.capacity
 

@@ -105,6 +105,11 @@ class BackendError(RuntimeError):
     """A problem the user can fix. The message names the file or setting and the fix."""
 
 
+class EngineUnavailable(BackendError):
+    """This engine cannot run here (its library is missing, no disk room to prepare its model):
+    ``backend: auto`` tries the next engine; an explicit choice fails with this message."""
+
+
 class RequestError(BackendError):
     """The request itself cannot be served as sent (empty, too long): the client must change it."""
 

@@ -47,21 +47,34 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
 
 
-def _check_model(manifest: Any) -> dict[str, Any]:
-    """Everything the chosen engine needs from the model folder (raises BackendError)."""
-    from backends.models.checks import check_hf_folder, inspect_model_folder, require_gguf, verify_sha256
+def engines_for(manifest: Any, gpu: bool | None) -> list[Any]:
+    """The engines this configuration may run, best first: the configured one, or auto's bids."""
+    from backends import registry
+    from backends.auto import auto_candidates
 
+    if manifest.backend != "auto":
+        return [registry.get(manifest.backend)]
+    return [spec for spec, _ in auto_candidates(manifest, gpu)]
+
+
+def _check_model(manifest: Any, gpu: bool | None) -> dict[str, Any]:
+    """Everything the chosen engine needs from the model folder (raises BackendError)."""
+    from backends.models.checks import inspect_model_folder, verify_sha256
+
+    specs = engines_for(manifest, gpu)
+    if not specs:
+        from backends.types import BackendError
+
+        raise BackendError(f"backend: auto — no engine can run the model in {manifest.model.path}.")
+    spec = specs[0]
+    if not spec.needs_local_model:
+        return {"path": None, "kind": "none", "gguf": None, "engine": spec.name, "check": "no local model needed"}
+    what = spec.check_model(manifest) if spec.check_model else ""
     folder = inspect_model_folder(manifest.model.path, manifest.model.gguf_file)
-    has_gguf = folder.gguf is not None or bool(folder.ggufs)
-    if manifest.backend == "transformers" or (manifest.backend == "auto" and folder.kind == "hf" and not has_gguf):
-        check_hf_folder(folder, allow_pickle_weights=manifest.model.allow_pickle_weights)
-    elif has_gguf:
-        require_gguf(folder)
-    else:  # llama.cpp on an HF checkpoint: converted on the way, so the checkpoint must be sound
-        check_hf_folder(folder, allow_pickle_weights=manifest.model.allow_pickle_weights)
     if manifest.model.sha256:
         verify_sha256(folder.path, manifest.model.sha256)
-    return {"path": str(folder.path), "kind": folder.kind, "gguf": str(folder.gguf) if folder.gguf else None}
+    return {"path": str(folder.path), "kind": folder.kind, "gguf": str(folder.gguf) if folder.gguf else None,
+            "engine": spec.name, "check": what}
 
 
 def main(argv: list[str] | None = None) -> int:

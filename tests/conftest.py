@@ -12,6 +12,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def llama_cpp_without_amx_crash() -> None:
+    """Tests that use llama_cpp.Llama directly get the engine's AMX workaround too."""
+    try:
+        from backends.engines.llamacpp import import_llama_cpp
+
+        import_llama_cpp()
+    except Exception:  # llama-cpp-python not installed: its tests skip themselves
+        pass
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny trained Qwen2 (HF safetensors + tokenizer + VibeThinker's template)."""

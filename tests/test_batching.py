@@ -124,11 +124,11 @@ def test_batching_is_on_for_many_users_only(tiny_model_dir):
     assert not batching_wanted(make_manifest(tiny_model_dir, transformers={"batching": "off"}))
     assert not batching_wanted(make_manifest(tiny_model_dir, transformers={"attn_implementation": "eager"}))
     off = TransformersBackend(make_manifest(tiny_model_dir, transformers={"batching": "off"}))
-    assert off.max_concurrent == 1
+    assert off.capacity == 1
 
 
 def test_info_says_batching(backend):
-    assert backend.max_concurrent == STREAMS
+    assert backend.capacity == STREAMS
     assert backend.info().extra["batching"] == f"continuous, {STREAMS} at once"
 
 

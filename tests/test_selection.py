@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import dataclasses
+
 from backends import auto as selection
+from backends import registry
 from backends.models import gguf_source
 from backends.models.convert import default_gguf_name, stamp_path
 from backends.config import load_manifest
@@ -142,7 +145,8 @@ def test_auto_falls_back_to_transformers_without_llama_cpp(model, tmp_path, conv
     try:
         info = b.info()
         assert info.backend == "transformers"
-        assert "llama.cpp unavailable → transformers" in info.reason
+        assert "llama.cpp unavailable (The llama.cpp backend needs llama-cpp-python" in info.reason
+        assert info.reason.endswith("(slower)") and "→ transformers float32 on cpu" in info.reason
         assert any("llama.cpp is unavailable" in w for w in info.extra["warnings"])
         assert any("using transformers" in r.getMessage() for r in caplog.records)
     finally:
@@ -162,7 +166,8 @@ def test_no_disk_room_for_the_gguf(model, tmp_path, conversions, monkeypatch):
     monkeypatch.setattr(gguf_source, "estimate_gguf_bytes", lambda src, quant: 1 << 60)
     b = _load(_manifest(model, tmp_path))
     try:
-        assert b.info().backend == "transformers" and "no disk room" in b.info().reason
+        assert b.info().backend == "transformers"
+        assert "llama.cpp unavailable (No place to write the GGUF" in b.info().reason
     finally:
         b.close()
     with pytest.raises(gguf_source.NotEnoughDisk, match="model.cache_dir"):
@@ -172,7 +177,7 @@ def test_no_disk_room_for_the_gguf(model, tmp_path, conversions, monkeypatch):
 
 def test_gpu_picks_transformers_without_converting(model, tmp_path, conversions, monkeypatch):
     monkeypatch.setattr(selection, "cuda_available", lambda: True)
-    assert describe_choice(_manifest(model, tmp_path)) == "backend: auto → transformers float16 (a CUDA GPU is usable)"
+    assert describe_choice(_manifest(model, tmp_path)) == "backend: auto — CUDA GPU found → transformers: float16 on CUDA"
 
     class FakeTransformers:
         name = "transformers"
@@ -186,7 +191,8 @@ def test_gpu_picks_transformers_without_converting(model, tmp_path, conversions,
 
             return BackendInfo("transformers", "m", str(model), "cuda:0 (Fake GPU)", "float16", 1024)
 
-    monkeypatch.setattr(selection, "_transformers", lambda manifest: FakeTransformers())
+    fake = dataclasses.replace(registry.get("transformers"), create=lambda manifest: FakeTransformers())
+    monkeypatch.setitem(registry._engines, "transformers", fake)
     b = _load(_manifest(model, tmp_path))
     assert b.info().reason == "CUDA GPU found → transformers float16 on cuda:0 (Fake GPU)"
     assert conversions == []
@@ -197,5 +203,5 @@ def test_gguf_only_folder_without_llama_cpp_fails_clearly(tiny_gguf, tmp_path, m
     folder.mkdir()
     shutil.copy(tiny_gguf, folder / "m.gguf")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    with pytest.raises(BackendError, match="holds a GGUF.*pip install"):
+    with pytest.raises(BackendError, match="holds a GGUF, but no engine can run it here: llama.cpp: .*pip install"):
         _load(_manifest(folder, tmp_path))

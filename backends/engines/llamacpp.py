@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ..base import ProgressCallback
-from ..models.checks import verify_sha256
+from ..models.checks import check_hf_folder, inspect_model_folder, require_gguf, verify_sha256
 from ..driver import EngineBackend
-from ..models.gguf_source import ensure_gguf
+from ..models.gguf_source import NotEnoughDisk, ensure_gguf, plan_gguf
 from ..config import Manifest
-from ..types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
+from ..registry import AutoContext, AutoRank, EngineSpec
+from ..types import BackendError, BackendInfo, ChatMessage, EngineUnavailable, LoadProgress, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,37 @@ PIP_FIX = 'pip install "llama-cpp-python>=0.3.16"'
 PIP_CUDA_FIX = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir "llama-cpp-python>=0.3.16"'
 
 
-class LlamaCppUnavailable(BackendError):
+class LlamaCppUnavailable(EngineUnavailable):
     """llama-cpp-python is missing or cannot be imported (``backend: auto`` falls back on it)."""
+
+
+def _keep_weights_out_of_amx(llama_cpp: Any) -> None:
+    """Load every model with ``use_extra_bufts = False`` when this build runs llama.cpp's AMX kernels.
+
+    Why: on AMX CPUs (Intel Sapphire Rapids and later, common in cloud notebooks) the AMX matrix
+    multiply of this llama.cpp crashes the process (SIGSEGV in ``ggml_backend_amx_mul_mat``,
+    llama.cpp issue #20824) — reproduced here with Q8_0 GGUFs, the tiny test model and a 1.5B
+    alike. Keeping the weights out of the AMX buffer avoids it; CPUs without AMX keep their weight
+    repacking. llama-cpp-python's ``Llama`` has no parameter for it, so its default is changed.
+    """
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    if "AMX_INT8 = 1" not in info:
+        return
+    low = llama_cpp.llama_cpp
+    original = low.llama_model_default_params
+    if getattr(original, "_vt_no_amx", False):
+        return
+
+    def default_params() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    default_params._vt_no_amx = True  # type: ignore[attr-defined]
+    low.llama_model_default_params = default_params
+    llama_cpp.llama_model_default_params = default_params
+    log.info("llama.cpp: AMX CPU — weights stay out of the AMX buffer (llama.cpp #20824)")
 
 
 def import_llama_cpp() -> Any:
@@ -47,6 +77,7 @@ def import_llama_cpp() -> Any:
             f"llama-cpp-python is installed but its library does not load ({exc}). Reinstall it: "
             f"pip install --force-reinstall --no-cache-dir llama-cpp-python; or use backend: transformers."
         ) from None
+    _keep_weights_out_of_amx(llama_cpp)
     return llama_cpp
 
 
@@ -350,3 +381,54 @@ class LlamaCppBackend(EngineBackend):
                     return
         finally:
             tokens.close()
+
+
+# -- registration ------------------------------------------------------------------------------
+
+def llama_cpp_problem() -> str | None:
+    """Why llama-cpp-python cannot be used here, or None when it can."""
+    try:
+        import_llama_cpp()
+    except BackendError as exc:
+        return str(exc)
+    return None
+
+
+def _check_model(manifest: Manifest) -> str:
+    folder = inspect_model_folder(manifest.model.path, manifest.model.gguf_file)
+    if folder.gguf is not None or folder.ggufs:
+        return f"GGUF {require_gguf(folder)}"
+    # An HF checkpoint is converted on the way, so the checkpoint itself must be sound.
+    check_hf_folder(folder, allow_pickle_weights=manifest.model.allow_pickle_weights)
+    return f"Hugging Face checkpoint {folder.path} (converted to GGUF {manifest.model.gguf_quant} on first start)"
+
+
+def _auto_rank(ctx: AutoContext) -> AutoRank | None:
+    folder = ctx.folder
+    if folder is None:
+        return None
+    if folder.kind == "gguf" or ctx.manifest.model.gguf_file:
+        return AutoRank(90, "the model folder holds a GGUF")
+    if ctx.gpu and ctx.manifest.transformers.device != "cpu":
+        return None  # a usable GPU and an HF checkpoint: transformers in float16 is the GPU path
+    return AutoRank(50, "no CUDA GPU found")
+
+
+def _plan(ctx: AutoContext) -> str:
+    try:
+        return plan_gguf(ctx.manifest, ctx.folder).why
+    except NotEnoughDisk as exc:
+        return f"cannot convert: {exc}"
+
+
+ENGINE = EngineSpec(
+    name="llamacpp",
+    label="llama.cpp",
+    summary="a GGUF through llama-cpp-python (CPU, or CUDA offload); converts an HF checkpoint once",
+    create=lambda manifest: LlamaCppBackend(manifest),
+    check_model=_check_model,
+    extras=("llamacpp",),
+    problem=llama_cpp_problem,
+    auto_rank=_auto_rank,
+    plan=_plan,
+)

@@ -18,7 +18,8 @@ from ..models.checks import check_hf_folder, inspect_model_folder, require_cuda,
 from ..driver import EngineBackend
 from ..config import Manifest
 from .transformers_batching import POLL_S, BatchRunner, BatchSettings, cache_tokens_for
-from ..types import BackendError, BackendInfo, ChatMessage, LoadProgress, SamplingParams
+from ..registry import AutoContext, AutoRank, EngineSpec
+from ..types import BackendError, BackendInfo, ChatMessage, EngineUnavailable, LoadProgress, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class TransformersBackend(EngineBackend):
     def __init__(self, manifest: Manifest) -> None:
         self._batching = batching_wanted(manifest)
         # Batched: server.concurrency requests decode together; otherwise one at a time (FIFO).
-        super().__init__(manifest, max_concurrent=manifest.server.concurrency if self._batching else 1)
+        super().__init__(manifest, capacity=manifest.server.concurrency if self._batching else 1)
         self._batch: BatchRunner | None = None
         # Requests that cannot join the batch (fixed seed) decode alone, one at a time, beside it;
         # this lock also guards the one-at-a-time KV cache below.
@@ -120,6 +121,9 @@ class TransformersBackend(EngineBackend):
             verify_sha256(folder.path, settings.sha256)
 
         report(0.1, "importing torch and transformers / 加载 torch 与 transformers")
+        problem = transformers_problem()
+        if problem is not None:
+            raise EngineUnavailable(f"The transformers backend cannot run: {problem}")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -199,8 +203,8 @@ class TransformersBackend(EngineBackend):
                 "switched to paged attention for every request); set one of them, or batching: off."
             )
         runner = BatchRunner(model, BatchSettings(
-            capacity=self.max_concurrent,
-            cache_tokens=cache_tokens_for(self.max_concurrent, settings.generation.max_new_tokens,
+            capacity=self.capacity,
+            cache_tokens=cache_tokens_for(self.capacity, settings.generation.max_new_tokens,
                                           self.context_length, settings.transformers.batch_cache_tokens),
             vocab_size=int(model.config.vocab_size),
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
@@ -261,7 +265,7 @@ class TransformersBackend(EngineBackend):
                 "cache": self._cache_mode(),
                 "torch": torch.__version__,
                 # Seeded requests decode alone even when batching is on (no per-request seed in a batch).
-                "batching": (f"continuous, {self.max_concurrent} at once" if self._batch is not None else "off"),
+                "batching": (f"continuous, {self.capacity} at once" if self._batch is not None else "off"),
             },
         )
 
@@ -316,7 +320,7 @@ class TransformersBackend(EngineBackend):
         if batch is not None and batch.supports(params):
             batch.run(ids, params, max_tokens, on_token, self.request_cancelled)
             return
-        if self.max_concurrent == 1:
+        if self.capacity == 1:
             self._decode_alone(ids, params, max_tokens, on_token)  # the driver's lock already serialises
             return
         # Beside a running batch: wait for the other unbatchable requests, giving up on cancel,
@@ -378,3 +382,51 @@ class TransformersBackend(EngineBackend):
         if cache is not None:
             length = int(cache.get_seq_length())
             self._cache, self._cache_ids = cache, out.sequences[0, :length].tolist()
+
+
+# -- registration ------------------------------------------------------------------------------
+
+def transformers_problem() -> str | None:
+    """Why torch + transformers cannot be imported here, or None."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not installed: pip install -e '.[transformers]' (1键推理.sh installs it "
+                f"for backend transformers/auto).")
+    return None
+
+
+def _check_model(manifest: Manifest) -> str:
+    folder = inspect_model_folder(manifest.model.path, manifest.model.gguf_file)
+    check_hf_folder(folder, allow_pickle_weights=manifest.model.allow_pickle_weights)
+    return f"Hugging Face checkpoint {folder.path}"
+
+
+def _auto_rank(ctx: AutoContext) -> AutoRank | None:
+    folder = ctx.folder
+    if folder is None or folder.kind != "hf" or ctx.manifest.model.gguf_file:
+        return None
+    if ctx.gpu and ctx.manifest.transformers.device != "cpu":
+        return AutoRank(100, "CUDA GPU found")
+    return AutoRank(10, "no CUDA GPU found")  # slower than llama.cpp on a CPU: its fallback
+
+
+def _plan(ctx: AutoContext) -> str:
+    manifest = ctx.manifest
+    gpu = manifest.transformers.device != "cpu" and ctx.gpu
+    dtype = manifest.transformers.dtype if manifest.transformers.dtype != "auto" else ("float16" if gpu else "float32")
+    return f"{dtype} on {'CUDA' if gpu else 'the CPU'}"
+
+
+ENGINE = EngineSpec(
+    name="transformers",
+    label="transformers",
+    summary="a Hugging Face checkpoint through transformers (CUDA float16, or the CPU)",
+    create=lambda manifest: TransformersBackend(manifest),
+    check_model=_check_model,
+    extras=("transformers",),
+    problem=transformers_problem,
+    auto_rank=_auto_rank,
+    plan=_plan,
+)

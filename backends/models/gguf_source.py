@@ -37,14 +37,14 @@ from .convert import (
     stamp_path,
 )
 from ..config import Manifest
-from ..types import BackendError
+from ..types import BackendError, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/vibethinker-app/gguf"
 
 
-class NotEnoughDisk(BackendError):
+class NotEnoughDisk(EngineUnavailable):
     """No writable place has room for the conversion (``backend: auto`` falls back on it)."""
 
 
