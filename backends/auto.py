@@ -120,6 +120,9 @@ class AutoBackend(Backend):
             raise BackendError("The model is not loaded yet: call load() first (or wait until /health is ready).")
         return self._inner
 
+    def check(self, request: GenerationRequest) -> int | None:
+        return self._require().check(request)
+
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         return self._require().stream(request)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 
-from .types import BackendInfo, GenerationRequest, LoadProgress, StreamChunk
+from .types import MAX_SAMPLES, BackendInfo, GenerationRequest, LoadProgress, RequestError, StreamChunk
 
 ProgressCallback = Callable[[LoadProgress], None]
 
@@ -15,7 +15,8 @@ class Backend(abc.ABC):
     Contract:
     - ``load`` is idempotent and may take minutes; it reports progress through the callback and
       raises :class:`~backends.types.BackendError` with a fix-it message on bad input.
-    - ``stream`` yields :class:`StreamChunk` objects; the last one carries ``usage``. Closing the
+    - ``check`` refuses a request that cannot run, before it is queued anywhere;
+    - ``stream`` yields :class:`StreamChunk` objects; each sample's last one carries ``usage``. Closing the
       iterator early (``GeneratorExit``) cancels the generation, as does ``cancel(request_id)``;
       either way the decoding loop stops within one step and nothing keeps running.
     - ``stream`` is safe to call from several threads; a backend serialises or batches as it can.
@@ -30,8 +31,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def loaded(self) -> bool: ...
 
+    def check(self, request: GenerationRequest) -> int | None:
+        """Refuse a request that cannot run (RequestError: empty, too long, bad ``n``) before it
+        waits in any line. Returns the prompt's length in tokens when the engine knows it."""
+        if not request.messages:
+            raise RequestError("The request has no messages; send at least one user message.")
+        if not 1 <= request.n <= MAX_SAMPLES:
+            raise RequestError(f"n = {request.n}: ask for 1 to {MAX_SAMPLES} samples.")
+        return None
+
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]: ...
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        """The reply as chunks; a request of n samples interleaves them (``chunk.index``) and
+        each sample's last chunk carries its usage."""
 
     @abc.abstractmethod
     def cancel(self, request_id: str) -> bool:

@@ -34,11 +34,18 @@ class SamplingParams:
     loop_guard: bool = True
 
 
+MAX_SAMPLES = 16
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Samples of the same prompt (OpenAI ``n``). Sample i is seeded ``params.seed + i`` when a
+    # seed is set; its chunks carry ``index = i``. The prompt is evaluated once where the engine
+    # can share it (see the engines).
+    n: int = 1
 
 
 class FinishReason(str, enum.Enum):
@@ -73,9 +80,10 @@ class StreamChunk:
 
     reasoning: str = ""
     answer: str = ""
-    # Set on the last chunk only.
+    # Set on each sample's last chunk only.
     usage: Usage | None = None
     boxed_answer: str | None = None
+    index: int = 0  # which sample (0 … n-1)
 
     @property
     def final(self) -> bool:

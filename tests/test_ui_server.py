@@ -24,8 +24,9 @@ def _manifest(model_dir, **overrides):
     return load_manifest(env={}, overrides=values)
 
 
-def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run_cli(*args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VT_")}
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "ui", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -108,7 +109,7 @@ def test_forwarded_prefix_sets_the_root_path():
 
 
 def test_config_prints_effective_configuration_with_precedence():
-    out = _run_cli("config", "--port", "9001", "--set", "server.auth.api_key=abc")
+    out = _run_cli("config", "--port", "9001", "--set", "server.auth.api_key=abc", "--json")
     assert out.returncode == 0, out.stderr
     import json
 
@@ -116,6 +117,35 @@ def test_config_prints_effective_configuration_with_precedence():
     assert data["server"]["port"] == 9001
     assert data["server"]["auth"]["api_key"] == "***"
     assert _run_cli("config", "--get", "server.port").stdout.strip() == "8080"
+    # Every value with where it came from: flag > environment (long or short name) > manifest > default.
+    text = _run_cli("config", "--port", "9001", VT_PORT="9002", VT_GENERATION__TEMPERATURE="0.3",
+                    VT_SERVER__AUTH__API_KEY="k").stdout
+    lines = {line.split("=")[0].strip(): line for line in text.splitlines() if " = " in line}
+    assert "9001" in lines["server.port"] and "# command-line flag" in lines["server.port"]
+    assert "0.3" in lines["generation.temperature"] and "VT_GENERATION__TEMPERATURE" in lines["generation.temperature"]
+    assert "= ***" in lines["server.auth.api_key"] and "VT_SERVER__AUTH__API_KEY" in lines["server.auth.api_key"]
+    assert "manifest.yaml" in lines["server.max_queue"]
+    assert "# default" in lines["server.auth.metrics"] or "manifest.yaml" in lines["server.auth.metrics"]
+
+
+def test_every_setting_is_described_and_reachable_from_the_environment():
+    from backends.config import env_name, iter_fields, load_config
+
+    for dotted, info in iter_fields():
+        assert info.description, f"{dotted} has no description"
+    # Every key through VT_<SECTION>__<KEY>, e.g. a nested one and a typed one.
+    loaded = load_config(env={env_name("generation.loop_guard.min_repeats"): "7", "VT_LLAMACPP__N_GPU_LAYERS": "3"})
+    assert loaded.manifest.generation.loop_guard.min_repeats == 7 and loaded.manifest.llamacpp.n_gpu_layers == 3
+    assert loaded.origin("generation.loop_guard.min_repeats") == "environment variable VT_GENERATION__LOOP_GUARD__MIN_REPEATS"
+    # A misspelt key or section from the environment is named with its variable, never ignored.
+    from backends import ManifestError
+
+    with pytest.raises(ManifestError, match=r"server\.prot: unknown key \(from environment variable VT_SERVER__PROT\)"):
+        load_config(env={"VT_SERVER__PROT": "1"})
+    with pytest.raises(ManifestError, match="VT_SERVR__PORT"):
+        load_config(env={"VT_SERVR__PORT": "1"})
+    with pytest.raises(ManifestError, match=r"server.language = 'fr' \(from environment variable VT_SERVER__LANGUAGE\).*'zh'"):
+        load_config(env={"VT_SERVER__LANGUAGE": "fr"})
 
 
 def test_bad_flag_value_exits_2_with_the_key_named():

@@ -1,8 +1,11 @@
 """OpenAI-compatible HTTP API: ``GET /v1/models`` and ``POST /v1/chat/completions``.
 
-Reasoning travels as ``reasoning_content`` (DeepSeek/vLLM style) and as ``reasoning`` (OpenRouter
-style) because clients differ. Our extras ``thinking_budget``, ``seed`` and ``top_k`` are optional
-body fields. Errors use OpenAI's ``{"error": {...}}`` shape with the matching status code.
+Built on FastAPI's own means: typed request/response objects (:mod:`ui.openai_models`, the
+OpenAPI schema at ``/v1/openapi.json``), one authentication dependency for every ``/v1`` route
+(and ``/metrics``), Server-Sent Events through sse-starlette (a ping comment every
+:data:`PING_S` seconds while the request waits in line and while the prompt is evaluated, so a
+proxy with an idle timeout never cuts it), errors always in OpenAI's ``{"error": {...}}`` shape
+with the matching status. Reasoning travels as ``reasoning_content`` and as ``reasoning``.
 """
 from __future__ import annotations
 
@@ -12,13 +15,15 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.types import Receive, Scope, Send
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
 
 from backends import (
     BackendError,
@@ -33,9 +38,35 @@ from backends import (
 
 from .host import ModelHost, NotReady, QueueFull, Queued
 from .messages import strip_thinking
+from .openai_models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    CompletionTokensDetails,
+    Delta,
+    ErrorResponse,
+    Extras,
+    MessageIn,
+    MessageOut,
+    ModelCard,
+    ModelList,
+    ModelMetadata,
+    UsageOut,
+)
 from .pump import Pump
 
 log = logging.getLogger("ui.api")
+
+PING_S = 15.0
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "invalid request (the param names the field)"), (401, "missing or wrong API key"),
+                       (404, "unknown model"), (429, "queue full (Retry-After)"),
+                       (500, "engine failure"), (503, "model loading, failed or server draining (Retry-After)"))
+}
 
 
 class ApiError(Exception):
@@ -53,51 +84,82 @@ class ApiError(Exception):
         return JSONResponse(self.payload(), status_code=self.status, headers=headers)
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+def _engine_error(exc: BaseException) -> ApiError:
+    """What a failure of the host or engine means for the client (before anything streamed)."""
+    if isinstance(exc, NotReady):
+        return ApiError(503, str(exc), "server_error", code="model_not_ready")
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), "rate_limit_error", code="queue_full")
+    if isinstance(exc, RequestError):
+        return ApiError(400, str(exc), "invalid_request_error", code=exc.code, param="messages")
+    if isinstance(exc, BackendError):
+        return ApiError(500, str(exc), "server_error", code="backend_error")
+    return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error", code="internal_error")
 
 
-class ChatCompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: list[_Message] = Field(min_length=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
-    thinking_budget: int | None = Field(default=None, ge=0)
-    n: int | None = Field(default=None, ge=1, le=1)
-    stop: str | list[str] | None = None
-    tools: list[Any] | None = None
+def install_error_handlers(app: FastAPI, host: ModelHost) -> None:
+    """Every error of our routes as OpenAI-shaped JSON (FastAPI's own would be 422 or plain text)."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        host.metrics.errors.labels(kind="invalid_request").inc()
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return ApiError(400, f"The request body is not valid JSON ({err.get('msg')}).",
+                            "invalid_request_error").response()
+        param = ".".join(loc) or None
+        return ApiError(400, f"Invalid request: {param or 'body'}: {err.get('msg')}", "invalid_request_error",
+                        param=param).response()
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _engine_error(exc).response()
 
 
-def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
+def api_key_guard(host: ModelHost) -> Callable[..., None]:
+    """The one check of ``server.auth.api_key`` (a dependency: every /v1 route, and /metrics)."""
+    key = host.manifest.server.auth.api_key.encode()
+    bearer = HTTPBearer(auto_error=False, description="server.auth.api_key (when set)")
+
+    def guard(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not key:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, key):  # constant time
+            host.metrics.errors.labels(kind="auth").inc()
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the key set in "
+                           "server.auth.api_key (or VT_API_KEY).", "invalid_request_error", code="invalid_api_key")
+
+    return guard
+
+
+def _text_of(content: str | list | None, index: int) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     parts = []
     for j, part in enumerate(content):
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+        if part.type != "text" or not isinstance(part.text, str):
             raise ApiError(
-                400, f"Only text content is supported; messages[{index}].content[{j}] has type "
-                f"{part.get('type')!r}. Send the text as a string or as {{'type': 'text', 'text': ...}} parts.",
+                400, f"Only text content is supported; messages[{index}].content[{j}] has type {part.type!r}. "
+                "Send the text as a string or as {'type': 'text', 'text': ...} parts.",
                 "invalid_request_error", param=f"messages.{index}.content",
             )
-        parts.append(part["text"])
+        parts.append(part.text)
     return "".join(parts)
 
 
-def to_backend_messages(body: ChatCompletionBody) -> tuple[ChatMessage, ...]:
+def to_backend_messages(messages: list[MessageIn]) -> tuple[ChatMessage, ...]:
     systems: list[str] = []
     chat: list[ChatMessage] = []
-    for i, msg in enumerate(body.messages):
+    for i, msg in enumerate(messages):
         text = _text_of(msg.content, i)
         if msg.role in ("system", "developer"):
             if text.strip():
@@ -114,12 +176,6 @@ def to_backend_messages(body: ChatCompletionBody) -> tuple[ChatMessage, ...]:
     return head + tuple(chat)
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    return ApiError(400, f"Invalid request: {param}: {err['msg']}", "invalid_request_error", param=param)
-
-
 def _openai_finish(usage: Usage, answer: str) -> str:
     if usage.finish_reason == FinishReason.LENGTH:
         return "length"
@@ -128,65 +184,38 @@ def _openai_finish(usage: Usage, answer: str) -> str:
     return "stop"
 
 
-def _usage_json(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-    }
+def _usage_out(usages: list[Usage]) -> UsageOut:
+    """The request's usage: its prompt once, the completions of every sample."""
+    prompt = max((u.prompt_tokens for u in usages), default=0)
+    completion = sum(u.completion_tokens for u in usages)
+    return UsageOut(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                    completion_tokens_details=CompletionTokensDetails(
+                        reasoning_tokens=sum(u.reasoning_tokens for u in usages)))
 
 
-def _extras(usage: Usage, boxed: str | None) -> dict[str, Any]:
-    return {
-        "finish_reason": usage.finish_reason.value,
-        "detail": usage.detail,
-        "boxed_answer": boxed,
-        "time_to_first_token_s": usage.time_to_first_token_s,
-        "decode_tokens_per_s": usage.decode_tokens_per_s,
-    }
+def _extras(usage: Usage, boxed: str | None) -> Extras:
+    return Extras(finish_reason=usage.finish_reason.value, detail=usage.detail, boxed_answer=boxed,
+                  time_to_first_token_s=usage.time_to_first_token_s, decode_tokens_per_s=usage.decode_tokens_per_s)
 
 
-class _SSEResponse(StreamingResponse):
-    """A stream that notices a dropped client at once (even while it waits in line) and always
-    runs ``on_close`` so that the backend's generation is cancelled."""
+@dataclasses.dataclass
+class _Sample:
+    reasoning: list[str] = dataclasses.field(default_factory=list)
+    answer: list[str] = dataclasses.field(default_factory=list)
+    usage: Usage | None = None
+    boxed: str | None = None
 
-    def __init__(self, content: AsyncIterator[str], on_close: Any) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self._on_close()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            await self.stream_response(send)
-        except OSError:  # the client went away mid-send
-            pass
-        finally:
-            watcher.cancel()
-            self._on_close()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+    def add(self, chunk: StreamChunk) -> None:
+        self.reasoning.append(chunk.reasoning)
+        self.answer.append(chunk.answer)
+        if chunk.usage is not None:
+            self.usage, self.boxed = chunk.usage, chunk.boxed_answer
 
 
 def build_router(host: ModelHost) -> APIRouter:
     manifest = host.manifest
-    router = APIRouter()
-    api_key = manifest.server.auth.api_key
-
-    def check_key(request: Request) -> None:
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            host.metrics.errors.labels(kind="auth").inc()
-            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the key set in "
-                           "server.auth.api_key (or VT_API_KEY).", "invalid_request_error", code="invalid_api_key")
+    router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_guard(host))], responses=ERROR_RESPONSES,
+                       tags=["OpenAI-compatible"])
 
     def model_names() -> list[str]:
         names = [manifest.model.id]
@@ -195,12 +224,8 @@ def build_router(host: ModelHost) -> APIRouter:
             names.append(info.model_id)
         return names
 
-    @router.get("/v1/models")
-    def list_models(request: Request) -> JSONResponse:
-        try:
-            check_key(request)
-        except ApiError as exc:
-            return exc.response()
+    @router.get("/models", response_model=ModelList, summary="The served model and its state")
+    def list_models() -> ModelList:
         st = host.status()
         info = st.info
         meta: dict[str, Any] = {"status": st.state}
@@ -211,41 +236,27 @@ def build_router(host: ModelHost) -> APIRouter:
             meta["error"] = st.error
         else:
             meta.update(progress=st.fraction, message=st.message)
-        return JSONResponse({
-            "object": "list",
-            "data": [{"id": manifest.model.id, "object": "model", "created": 0, "owned_by": "WeiboAI",
-                      "metadata": meta}],
-        })
+        return ModelList(data=[ModelCard(id=manifest.model.id, metadata=ModelMetadata(**meta))])
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        try:
-            check_key(request)
-            try:
-                raw = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ApiError(400, "The request body is not valid JSON.", "invalid_request_error") from None
-            try:
-                body = ChatCompletionBody.model_validate(raw)
-            except ValidationError as exc:
-                raise _validation_error(exc) from None
-            if body.model not in model_names():
-                host.metrics.errors.labels(kind="model_not_found").inc()
-                raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
-                               f"{', '.join(repr(n) for n in model_names())} (see GET /v1/models).",
-                               "invalid_request_error", code="model_not_found", param="model")
-            if body.stop:
-                raise ApiError(400, "Stop sequences are not supported by this server: remove 'stop'.",
-                               "invalid_request_error", param="stop")
-            if body.tools:
-                raise ApiError(400, "Tools are not supported by VibeThinker: remove 'tools'.",
-                               "invalid_request_error", param="tools")
-            messages = to_backend_messages(body)
-        except ApiError as exc:
-            if exc.status == 400:
-                host.metrics.errors.labels(kind="invalid_request").inc()
-            return exc.response()
-
+    @router.post(
+        "/chat/completions", response_model=ChatCompletion, summary="Chat completion (streams with stream: true)",
+        responses={200: {"content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
+                         "description": "a ChatCompletion, or with stream: true Server-Sent Events of "
+                                        "ChatCompletionChunk ending with data: [DONE]"}},
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        if body.model not in model_names():
+            host.metrics.errors.labels(kind="model_not_found").inc()
+            raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in model_names())} (see GET /v1/models).",
+                           "invalid_request_error", code="model_not_found", param="model")
+        if body.stop:
+            raise ApiError(400, "Stop sequences are not supported by this server: remove 'stop'.",
+                           "invalid_request_error", param="stop")
+        if body.tools:
+            raise ApiError(400, "Tools are not supported by VibeThinker: remove 'tools'.",
+                           "invalid_request_error", param="tools")
+        messages = to_backend_messages(body.messages)
         params = to_sampling_params(
             manifest.generation,
             temperature=body.temperature,
@@ -257,83 +268,82 @@ def build_router(host: ModelHost) -> APIRouter:
         if body.thinking_budget is not None:
             # 0 = unlimited, as in manifest.yaml.
             params = dataclasses.replace(params, thinking_budget=body.thinking_budget or None)
-        req = GenerationRequest(messages=messages, params=params)
-        pump = Pump(host.generate(req, "api"), name=f"api-{req.request_id[:8]}")
+        req = GenerationRequest(messages=messages, params=params, n=body.n or 1)
         try:
-            first = await pump.get()
-        except StopAsyncIteration:
-            first = None
-        except NotReady as exc:
-            return ApiError(503, str(exc), "server_error", code="model_not_ready").response()
-        except QueueFull as exc:
-            return ApiError(429, str(exc), "rate_limit_error", code="queue_full").response()
-        except RequestError as exc:
-            return ApiError(400, str(exc), "invalid_request_error", code=exc.code, param="messages").response()
-        except BackendError as exc:
-            return ApiError(500, str(exc), "server_error", code="backend_error").response()
+            # Refusals (not ready, too long, queue full) come back at once, before any waiting;
+            # the prompt is tokenized here, off the event loop.
+            stream = await run_in_threadpool(host.generate, req, "api")
+        except (NotReady, QueueFull, BackendError) as exc:
+            raise _engine_error(exc) from None
+        pump = Pump(stream, name=f"api-{req.request_id[:8]}")
 
         def cancel() -> None:
             if not pump.finished.is_set():
                 pump.stop()
                 host.cancel(req.request_id)
 
-        completion_id = f"chatcmpl-{req.request_id}"
-        created = int(time.time())
-        model = body.model
+        reply = _Reply(f"chatcmpl-{req.request_id}", int(time.time()), body.model, req.n)
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return _SSEResponse(_sse(pump, first, completion_id, created, model, include_usage), cancel)
-        return await _complete(request, pump, first, cancel, completion_id, created, model)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(_sse(pump, reply, include_usage, cancel), ping=PING_S, sep="\n",
+                                       headers={"Cache-Control": "no-cache"})
+        return await _complete(request, pump, reply, cancel)
 
     return router
 
 
-def _sse_data(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+@dataclasses.dataclass
+class _Reply:
+    id: str
+    created: int
+    model: str
+    n: int
+
+    def chunk(self, choices: list[ChunkChoice], **extra: Any) -> str:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                                   **extra).model_dump_json(exclude_none=True)
 
 
-async def _sse(pump: Pump, first: Any, cid: str, created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        return _sse_data({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-                          **extra})
-
-    yield chunk({"role": "assistant", "content": ""})
-    answer = ""
-    item = first
-    while True:
-        if isinstance(item, Queued):
-            yield f": queued, position {item.position}\n\n"  # an SSE comment keeps proxies from timing out
-        elif isinstance(item, StreamChunk):
+async def _sse(pump: Pump, reply: _Reply, include_usage: bool, cancel: Callable[[], None]) -> AsyncIterator[Any]:
+    samples = [_Sample() for _ in range(reply.n)]
+    try:
+        for index in range(reply.n):
+            yield reply.chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+        while True:
+            try:
+                item = await pump.get()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # after the 200 went out: the error travels as the last event
+                log.warning("stream %s failed: %s", reply.id, exc)
+                yield json.dumps(_engine_error(exc).payload(), ensure_ascii=False)
+                break
+            if isinstance(item, Queued):
+                # A comment: keeps proxies from timing out and tells a curious client where it waits.
+                yield ServerSentEvent(comment=f"queued, position {item.position}")
+                continue
+            assert isinstance(item, StreamChunk)
+            sample = samples[item.index]
+            sample.add(item)
             if item.reasoning:
-                yield chunk({"reasoning_content": item.reasoning, "reasoning": item.reasoning})
+                delta = Delta(reasoning_content=item.reasoning, reasoning=item.reasoning)
+                yield reply.chunk([ChunkChoice(index=item.index, delta=delta)])
             if item.answer:
-                answer += item.answer
-                yield chunk({"content": item.answer})
+                yield reply.chunk([ChunkChoice(index=item.index, delta=Delta(content=item.answer))])
             if item.usage is not None:
-                yield chunk({}, _openai_finish(item.usage, answer), vibethinker=_extras(item.usage, item.boxed_answer))
-                if include_usage:
-                    yield _sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                     "model": model, "choices": [], "usage": _usage_json(item.usage)})
-        try:
-            item = await pump.get()
-        except StopAsyncIteration:
-            break
-        except (BackendError, NotReady) as exc:
-            yield _sse_data(ApiError(500, str(exc), "server_error", code="backend_error").payload())
-            break
-        except Exception as exc:
-            yield _sse_data(ApiError(500, f"{type(exc).__name__}: {exc}", "server_error").payload())
-            break
-    yield "data: [DONE]\n\n"
+                finish = _openai_finish(item.usage, "".join(sample.answer))
+                yield reply.chunk([ChunkChoice(index=item.index, delta=Delta(), finish_reason=finish)],
+                                  vibethinker=_extras(item.usage, item.boxed_answer))
+        if include_usage:
+            usages = [s.usage for s in samples if s.usage is not None]
+            yield reply.chunk([], usage=_usage_out(usages))
+        yield "[DONE]"
+    finally:
+        cancel()
 
 
-async def _complete(request: Request, pump: Pump, first: Any, cancel: Any, cid: str, created: int,
-                    model: str) -> JSONResponse:
-    reasoning, answer = [], []
-    usage: Usage | None = None
-    boxed: str | None = None
-    item = first
+async def _complete(request: Request, pump: Pump, reply: _Reply, cancel: Callable[[], None]) -> Any:
+    samples = [_Sample() for _ in range(reply.n)]
     gone = asyncio.Event()
 
     async def watch() -> None:
@@ -341,42 +351,32 @@ async def _complete(request: Request, pump: Pump, first: Any, cancel: Any, cid: 
         while (await request.receive())["type"] != "http.disconnect":
             pass
         gone.set()
-        log.info("api client of %s disconnected; cancelling", cid)
+        log.info("api client of %s disconnected; cancelling", reply.id)
         cancel()
 
     watcher = asyncio.create_task(watch())
     try:
         while True:
+            try:
+                item = await pump.get()
+            except StopAsyncIteration:
+                break
             if isinstance(item, StreamChunk):
-                reasoning.append(item.reasoning)
-                answer.append(item.answer)
-                if item.usage is not None:
-                    usage, boxed = item.usage, item.boxed_answer
-            item = await pump.get()
-    except StopAsyncIteration:
-        pass
-    except BackendError as exc:
-        return ApiError(500, str(exc), "server_error", code="backend_error").response()
+                samples[item.index].add(item)
+    except Exception as exc:
+        raise _engine_error(exc) from None
     finally:
         watcher.cancel()
         cancel()
     if gone.is_set():
         return JSONResponse({}, status_code=499)  # nobody is listening; for the access log only
-    if usage is None:
-        usage = Usage(finish_reason=FinishReason.CANCELLED)
-    text = "".join(answer)
-    thought = "".join(reasoning)
-    return JSONResponse({
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "reasoning_content": thought, "reasoning": thought},
-            "finish_reason": _openai_finish(usage, text),
-            "logprobs": None,
-        }],
-        "usage": _usage_json(usage),
-        "vibethinker": _extras(usage, boxed),
-    })
+    choices = []
+    for index, sample in enumerate(samples):
+        usage = sample.usage or Usage(finish_reason=FinishReason.CANCELLED)
+        text, thought = "".join(sample.answer), "".join(sample.reasoning)
+        choices.append(Choice(index=index, message=MessageOut(content=text, reasoning_content=thought,
+                                                              reasoning=thought),
+                              finish_reason=_openai_finish(usage, text), vibethinker=_extras(usage, sample.boxed)))
+    usages = [s.usage or Usage(finish_reason=FinishReason.CANCELLED) for s in samples]
+    return ChatCompletion(id=reply.id, created=reply.created, model=reply.model, choices=choices,
+                          usage=_usage_out(usages), vibethinker=choices[0].vibethinker)

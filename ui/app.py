@@ -1,18 +1,24 @@
 """One ASGI app on one port: FastAPI routes first (/health, /metrics, /v1/*), then the Gradio page."""
 from __future__ import annotations
 
-import hmac
 import logging
+from importlib.metadata import PackageNotFoundError, version
 
 import gradio as gr
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .api import ApiError, build_router
+from .api import api_key_guard, build_router, install_error_handlers
 from .host import ModelHost
 from .metrics import CONTENT_TYPE_LATEST
+from .openai_models import Health
 from .page import CSS, build_page
+
+try:
+    __version__ = version("vibethinker-app")
+except PackageNotFoundError:  # running from a bundle folder, not installed
+    __version__ = "0"
 
 log = logging.getLogger("ui.app")
 
@@ -111,27 +117,29 @@ class BrowserRootMiddleware:
 def build_app(host: ModelHost) -> FastAPI:
     manifest = host.manifest
     server = manifest.server
-    app = FastAPI(title="VibeThinker", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="VibeThinker", version=__version__, docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json",
+        description="OpenAI-compatible API of VibeThinker (the page is at /). Extras: thinking_budget and top_k "
+        "in requests; reasoning_content/reasoning and a vibethinker object in responses.",
+    )
+    install_error_handlers(app, host)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}},
+             summary="200 {\"health\": \"true\"} when ready; 503 with the reason while loading, failed or draining")
     def health() -> JSONResponse:
         st = host.status()
         if st.ready:
             return JSONResponse({"health": "true"})
-        body = {"health": "false", "status": st.state, "reason": host.not_ready_reason()}
+        body: dict = {"health": "false", "status": st.state, "reason": host.not_ready_reason()}
         if st.state == "loading":
             body["progress"] = round(st.fraction, 3)
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics")
-    def metrics(request: Request) -> Response:
-        # Same key as /v1 when one is set: the counters reveal usage, not content.
-        key = server.auth.api_key
-        if key:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-                return ApiError(401, "Missing or wrong API key for /metrics: send 'Authorization: Bearer <key>'.",
-                                "invalid_request_error", code="invalid_api_key").response()
+    # The counters reveal usage, not content; still behind the API key unless told otherwise.
+    metrics_guard = [Depends(api_key_guard(host))] if server.auth.metrics else []
+
+    @app.get("/metrics", dependencies=metrics_guard, summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
         return Response(host.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(build_router(host))

@@ -18,12 +18,13 @@ from backends import (
     GenerationRequest,
     LoadProgress,
     Manifest,
+    RequestError,
     StreamChunk,
     Usage,
     create_backend,
 )
 
-from .limiter import FairLimiter, LimiterClosed, QueueFull
+from .limiter import FairLimiter, LimiterClosed, QueueFull, Ticket
 from .metrics import Metrics
 
 log = logging.getLogger("ui.host")
@@ -31,6 +32,10 @@ log = logging.getLogger("ui.host")
 State = Literal["loading", "ready", "failed", "draining"]
 
 __all__ = ["HostStatus", "ModelHost", "NotReady", "QueueFull", "Queued"]
+
+
+class LoadCancelled(BackendError):
+    """Raised from the progress callback to stop a load at shutdown."""
 
 
 class NotReady(RuntimeError):
@@ -67,7 +72,9 @@ class ModelHost:
         self.manifest = manifest
         self._factory = backend_factory
         self.metrics = metrics or Metrics()
+        # Resized to the engine's capacity once it has loaded (nothing is admitted before).
         self.limiter = FairLimiter(manifest.server.concurrency, manifest.server.max_queue)
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._state: State = "loading"
         self._progress = LoadProgress(0.0, "starting")
@@ -89,6 +96,10 @@ class ModelHost:
         return self._thread
 
     def _on_progress(self, progress: LoadProgress) -> None:
+        if self._closing.is_set():
+            # Shutdown while loading: the loader stops at its next progress report (a conversion
+            # between two tensors), not after minutes of work nobody will use.
+            raise LoadCancelled("the server is shutting down")
         with self._lock:
             self._progress = progress
         log.info("loading %3.0f%%: %s", progress.fraction * 100, progress.message)
@@ -101,6 +112,10 @@ class ModelHost:
                 self._backend = backend
             backend.load(self._on_progress)
             info = backend.info()
+        except LoadCancelled:
+            log.info("model loading stopped: the server is shutting down")
+            self._fail("loading was stopped because the server is shutting down")
+            return
         except BackendError as exc:
             self._fail(str(exc))
             return
@@ -108,15 +123,20 @@ class ModelHost:
             log.exception("model loading crashed")
             self._fail(f"{type(exc).__name__}: {exc}")
             return
+        if self._closing.is_set():  # finished loading after shutdown began: nothing will use it
+            backend.close()
+            return
+        # The line admits exactly what the engine decodes at once: one queue, honest gauges.
+        self.limiter.resize(max(1, backend.capacity))
         with self._lock:
             self._info = info
             self._progress = LoadProgress(1.0, "ready")
             if self._state == "loading":
                 self._state = "ready"
         log.info(
-            "model ready in %.1f s: %s on %s (%s, context %d)%s",
+            "model ready in %.1f s: %s on %s (%s, context %d, %d sequence(s) at once)%s",
             time.monotonic() - started, info.model_id, info.device, info.dtype, info.context_length,
-            f"; {info.reason}" if info.reason else "",
+            backend.capacity, f"; {info.reason}" if info.reason else "",
         )
 
     def _fail(self, message: str) -> None:
@@ -147,21 +167,33 @@ class ModelHost:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, source: str) -> Iterator[Queued | StreamChunk]:
-        """Wait for a turn (yielding :class:`Queued`), then stream the backend's chunks.
+        """Admit ``request`` and return its stream: :class:`Queued` while it waits, then the
+        backend's chunks (each sample's last one carries its usage).
 
-        Raises NotReady / QueueFull before anything is yielded. Closing the iterator (a Stop
-        button, a dropped client) cancels the backend's generation.
+        Raises at once, before anything waits or runs: NotReady (loading, failed, draining),
+        RequestError (empty, too long, bad n) and QueueFull. Closing the returned iterator (a
+        Stop button, a dropped client) cancels the backend's generation.
         """
         backend = self._require_ready(source)
         try:
-            ticket = self.limiter.enter()
+            backend.check(request)
+        except BackendError as exc:
+            kind = "invalid_request" if isinstance(exc, RequestError) else "backend"
+            self.metrics.errors.labels(kind=kind).inc()
+            raise
+        try:
+            ticket = self.limiter.enter(weight=request.n)
         except QueueFull:
             self.metrics.errors.labels(kind="queue_full").inc()
             raise
         except LimiterClosed as exc:
             raise NotReady(str(exc)) from None
+        return self._run(backend, request, ticket, source)
+
+    def _run(self, backend: Backend, request: GenerationRequest, ticket: Ticket,
+             source: str) -> Iterator[Queued | StreamChunk]:
         stream: Iterator[StreamChunk] | None = None
-        usage: Usage | None = None
+        finals: dict[int, Usage] = {}
         failure = ""
         started = time.monotonic()
         try:
@@ -170,11 +202,12 @@ class ModelHost:
                     yield Queued(ticket.position() + 1)
             except LimiterClosed as exc:
                 raise NotReady(str(exc)) from None
-            log.info("%s request %s started (waited %.1f s)", source, request.request_id, time.monotonic() - started)
+            log.info("%s request %s started (waited %.1f s, %d sample(s))", source, request.request_id,
+                     time.monotonic() - started, request.n)
             stream = backend.stream(request)
             for chunk in stream:
                 if chunk.usage is not None:
-                    usage = chunk.usage
+                    finals[chunk.index] = chunk.usage
                 yield chunk
         except GeneratorExit:
             raise
@@ -186,7 +219,7 @@ class ModelHost:
             log.exception("%s request %s failed", source, request.request_id)
             raise
         finally:
-            if stream is not None and usage is None:
+            if stream is not None and len(finals) < request.n:
                 # Stopped early (Stop button, dropped client, error): make sure decoding stops.
                 backend.cancel(request.request_id)
                 close = getattr(stream, "close", None)
@@ -194,19 +227,24 @@ class ModelHost:
                     close()
             ticket.release()
             if stream is not None:
-                if usage is None:
-                    reason = FinishReason.ERROR if failure else FinishReason.CANCELLED
-                    usage = Usage(finish_reason=reason, detail=failure, total_time_s=time.monotonic() - started)
-                if failure:
-                    self.metrics.errors.labels(kind="backend").inc()
-                self.metrics.record(source, usage)
-                log.info(
-                    "%s request %s finished: %s%s, prompt %d, reasoning %d, answer %d tokens, %s tok/s",
-                    source, request.request_id, usage.finish_reason.value,
-                    f" ({usage.detail})" if usage.detail else "",
-                    usage.prompt_tokens, usage.reasoning_tokens, usage.answer_tokens,
-                    f"{usage.decode_tokens_per_s:.1f}" if usage.decode_tokens_per_s else "-",
-                )
+                self._record(request, source, finals, failure, time.monotonic() - started)
+
+    def _record(self, request: GenerationRequest, source: str, finals: dict[int, Usage], failure: str,
+                elapsed: float) -> None:
+        if failure:
+            self.metrics.errors.labels(kind="backend").inc()
+        reason = FinishReason.ERROR if failure else FinishReason.CANCELLED
+        for index in range(request.n):
+            usage = finals.get(index) or Usage(finish_reason=reason, detail=failure, total_time_s=elapsed)
+            # The prompt was evaluated once for all samples.
+            self.metrics.record(source, usage, count_prompt=index == 0)
+            log.info(
+                "%s request %s%s finished: %s%s, prompt %d, reasoning %d, answer %d tokens, %s tok/s",
+                source, request.request_id, f" sample {index}" if request.n > 1 else "",
+                usage.finish_reason.value, f" ({usage.detail})" if usage.detail else "",
+                usage.prompt_tokens, usage.reasoning_tokens, usage.answer_tokens,
+                f"{usage.decode_tokens_per_s:.1f}" if usage.decode_tokens_per_s else "-",
+            )
 
     def _require_ready(self, source: str) -> Backend:
         with self._lock:
@@ -236,7 +274,16 @@ class ModelHost:
     def busy(self) -> int:
         return self.limiter.running
 
-    def close(self) -> None:
+    def close(self, loader_timeout_s: float = 10.0) -> None:
+        """Stop loading (at its next progress report), free the model. Waits at most
+        ``loader_timeout_s`` for the loader: a load inside a library call cannot be interrupted,
+        and it closes its own model when it finishes."""
+        self._closing.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(loader_timeout_s)
+            if self._thread.is_alive():
+                log.warning("the model loader is still busy; exiting without waiting for it")
+                return
         with self._lock:
             backend, self._backend = self._backend, None
         if backend is not None:

@@ -1,9 +1,11 @@
 """One fair line for the model, shared by the web page and the /v1 API.
 
 Gradio has its own queue for page events, but the API bypasses it, so both also take a ticket
-here: ``concurrency`` tickets run at once, at most ``max_queue`` wait, first come first served.
-Tickets are thread-based because Gradio runs sync generators in worker threads and the API pumps
-the backend from a thread too.
+here. The line counts sequences: ``concurrency`` is what the engine decodes at once (the host sets
+it to the loaded engine's capacity, so the line admits exactly what runs), a request of n samples
+takes a ticket of weight ``min(n, concurrency)``, at most ``max_queue`` requests wait, first come
+first served (a heavy ticket at the head is not overtaken). Tickets are thread-based because
+Gradio runs sync generators in worker threads and the API pumps the backend from a thread too.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ class LimiterClosed(RuntimeError):
 class Ticket:
     """A place in line. ``release()`` is safe to call in every state, any number of times."""
 
-    def __init__(self, limiter: FairLimiter) -> None:
+    def __init__(self, limiter: FairLimiter, weight: int) -> None:
         self._limiter = limiter
+        self.weight = weight
         self._granted = threading.Event()
         self._released = False
 
@@ -62,6 +65,7 @@ class FairLimiter:
         self._lock = threading.Lock()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: set[Ticket] = set()
+        self._used = 0
         self._closed = False
 
     @property
@@ -71,18 +75,32 @@ class FairLimiter:
 
     @property
     def running(self) -> int:
+        """Sequences running now (a request of n samples counts its weight)."""
+        with self._lock:
+            return self._used
+
+    @property
+    def running_requests(self) -> int:
         with self._lock:
             return len(self._running)
 
-    def enter(self) -> Ticket:
-        """Take a ticket, granted at once when a slot is free. Raises QueueFull / LimiterClosed."""
-        ticket = Ticket(self)
+    def resize(self, concurrency: int) -> None:
+        """Admit ``concurrency`` sequences at once from now on (the engine's capacity once loaded)."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         with self._lock:
+            self.concurrency = concurrency
+            self._admit()
+
+    def enter(self, weight: int = 1) -> Ticket:
+        """Take a ticket for ``weight`` sequences, granted at once when they fit and nobody waits.
+        Raises QueueFull / LimiterClosed."""
+        with self._lock:
+            ticket = Ticket(self, max(1, min(weight, self.concurrency)))
             if self._closed:
                 raise LimiterClosed("The server is shutting down; no new generations are started.")
-            if len(self._running) < self.concurrency and not self._waiting:
-                self._running.add(ticket)
-                ticket._granted.set()
+            if self._used + ticket.weight <= self.concurrency and not self._waiting:
+                self._grant(ticket)
                 return ticket
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(
@@ -111,6 +129,16 @@ class FairLimiter:
         with self._lock:
             return self._closed and ticket not in self._running
 
+    def _grant(self, ticket: Ticket) -> None:
+        ticket.weight = min(ticket.weight, self.concurrency)
+        self._running.add(ticket)
+        self._used += ticket.weight
+        ticket._granted.set()
+
+    def _admit(self) -> None:
+        while self._waiting and self._used + min(self._waiting[0].weight, self.concurrency) <= self.concurrency:
+            self._grant(self._waiting.popleft())
+
     def _release(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket._released:
@@ -118,12 +146,10 @@ class FairLimiter:
             ticket._released = True
             if ticket in self._running:
                 self._running.discard(ticket)
+                self._used -= ticket.weight
             else:
                 try:
                     self._waiting.remove(ticket)
                 except ValueError:
                     pass
-            while self._waiting and len(self._running) < self.concurrency:
-                nxt = self._waiting.popleft()
-                self._running.add(nxt)
-                nxt._granted.set()
+            self._admit()

@@ -20,7 +20,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "vibethinker_requests",
-            "Finished generations by entry point (page, api) and finish reason "
+            "Finished generations (one per sample) by entry point (page, api) and finish reason "
             "(stop, length, budget, loop, cancelled, error).",
             ["source", "finish_reason"],
             registry=r,
@@ -48,7 +48,8 @@ class Metrics:
             registry=r,
         )
         self.queue_waiting = Gauge("vibethinker_queue_waiting", "Requests waiting for the model.", registry=r)
-        self.running = Gauge("vibethinker_requests_running", "Generations running now.", registry=r)
+        self.running = Gauge("vibethinker_requests_running",
+                             "Sequences the engine is decoding now (a request of n samples counts n).", registry=r)
         self.ready = Gauge("vibethinker_model_ready", "1 when the model is loaded and serving.", registry=r)
 
     def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]) -> None:
@@ -57,9 +58,11 @@ class Metrics:
         self.running.set_function(running)
         self.ready.set_function(ready)
 
-    def record(self, source: str, usage: Usage) -> None:
+    def record(self, source: str, usage: Usage, count_prompt: bool = True) -> None:
+        """One finished sequence (a request of n samples records n, its prompt once)."""
         self.requests.labels(source=source, finish_reason=usage.finish_reason.value).inc()
-        self.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
+        if count_prompt:
+            self.tokens.labels(kind="prompt").inc(usage.prompt_tokens)
         self.tokens.labels(kind="reasoning").inc(usage.reasoning_tokens)
         self.tokens.labels(kind="answer").inc(usage.answer_tokens)
         if usage.time_to_first_token_s is not None:

@@ -214,8 +214,7 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
         boxed: str | None = None
         last_update = 0.0
         session = request.session_hash or req.request_id
-        stream = host.generate(req, "page")
-        sessions.start(session, req.request_id)
+        stream: Iterator[Any] | None = None
 
         def view() -> list:
             msgs = list(base)
@@ -229,6 +228,8 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
             return msgs
 
         try:
+            stream = host.generate(req, "page")
+            sessions.start(session, req.request_id)
             for item in stream:
                 if isinstance(item, Queued):
                     yield view(), turns, t(lang, "queued", position=item.position), gr.skip()
@@ -252,7 +253,8 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
             return
         finally:
             sessions.end(session, req.request_id)
-            stream.close()
+            if stream is not None:
+                stream.close()
         if usage is None:
             usage = Usage(finish_reason=FinishReason.CANCELLED)
         stats = stats_line(lang, host, usage)

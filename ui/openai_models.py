@@ -1,0 +1,169 @@
+"""Typed request and response objects of the OpenAI-compatible ``/v1`` API (they make its
+OpenAPI schema at ``/v1/openapi.json``).
+
+Reasoning travels as ``reasoning_content`` (DeepSeek/vLLM until late 2025) and as ``reasoning``
+(vLLM since, OpenRouter) because clients differ. Our extras are optional request fields
+(``thinking_budget``, ``top_k``) and a ``vibethinker`` object in responses. Unknown request
+fields that OpenAI defines (``frequency_penalty``, ``user``, …) are accepted and ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.types import MAX_SAMPLES
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- request ----------------------------------------------------------------------------------------
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = Field(description="Only 'text' parts are supported.")
+    text: str | None = None
+
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = Field(
+        default=None, description="Text, or a list of {'type': 'text', 'text': …} parts.")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(default=False, description="Send a last chunk with the usage of the whole request.")
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(description="The model id from GET /v1/models.")
+    messages: list[MessageIn] = Field(min_length=1, max_length=4096)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0,
+                                      description="Default: generation.temperature (model card: 0.6).")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, description="Extra: top-k sampling, 0 = off.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most new tokens, thinking included.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same as max_tokens (newer name).")
+    seed: int | None = Field(default=None, description="Sample i of n uses seed + i.")
+    thinking_budget: int | None = Field(
+        default=None, ge=0, description="Extra: most reasoning tokens; the thinking is then closed and the model "
+        "still answers. 0 = unlimited.")
+    n: int | None = Field(default=None, ge=1, le=MAX_SAMPLES,
+                          description=f"Samples of the same prompt (1–{MAX_SAMPLES}); the prompt is evaluated once.")
+    stop: str | list[str] | None = Field(default=None, description="Not supported: must be absent.")
+    tools: list[Any] | None = Field(default=None, description="Not supported: must be absent.")
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+class Extras(_Out):
+    """Our extras for one choice: why it ended, and the final boxed answer."""
+
+    finish_reason: str = Field(description="stop | length | budget | loop | cancelled | error")
+    detail: str = ""
+    boxed_answer: str | None = None
+    time_to_first_token_s: float | None = None
+    decode_tokens_per_s: float | None = None
+
+
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int
+
+
+class UsageOut(_Out):
+    prompt_tokens: int = Field(description="Counted once, however many samples share the prompt.")
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails
+
+
+class MessageOut(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    reasoning_content: str
+    reasoning: str
+
+
+class Choice(_Out):
+    index: int
+    message: MessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+    vibethinker: Extras
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageOut
+    vibethinker: Extras = Field(description="choices[0].vibethinker (for clients that read one choice).")
+
+
+class Delta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class ChunkChoice(_Out):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageOut | None = None
+    vibethinker: Extras | None = Field(default=None, description="On each choice's last chunk.")
+
+
+class ModelMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: str = Field(description="loading | ready | failed | draining")
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "WeiboAI"
+    metadata: ModelMetadata
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Out):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    health: Literal["true", "false"]
+    status: str | None = None
+    reason: str | None = None
+    progress: float | None = None
