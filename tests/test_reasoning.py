@@ -235,8 +235,12 @@ class ScriptedEngine(EngineBackend):
     EOS = 0
 
     def __init__(self, manifest: Manifest, script: Script, *, context_length: int = 4000,
-                 prompt_suffix: str = "", gate: threading.Event | None = None) -> None:
-        super().__init__(manifest)
+                 prompt_suffix: str = "", gate: threading.Event | None = None, capacity: int = 1,
+                 barrier: threading.Barrier | None = None) -> None:
+        super().__init__(manifest, capacity=capacity)
+        self.barrier = barrier  # when set, each decode_loop waits for the others to start too
+        self.seeds: list[int | None] = []
+        self.sequences: list[tuple[int, int]] = []
         self.script = script
         self.context_length = context_length
         self.eos_token_ids = frozenset({self.EOS})
@@ -272,6 +276,11 @@ class ScriptedEngine(EngineBackend):
     def decode_loop(self, ids, params, max_tokens, on_token):
         text = self.decode(ids)
         self.calls.append(text)
+        self.seeds.append(params.seed)
+        seq = self.current_sequence()
+        self.sequences.append((seq.index, seq.n))
+        if self.barrier is not None and len(self.calls) <= self.barrier.parties:
+            self.barrier.wait()
         for n, piece in enumerate(self.script(text)):
             if n >= max_tokens:
                 return
@@ -607,3 +616,70 @@ def test_fair_lock_gives_up_when_cancelled_while_waiting():
     lock.release()
     assert lock.acquire(threading.Event())
     lock.release()
+
+
+# -- n samples of one request ----------------------------------------------------------------------
+
+def samples_of(chunks: list[StreamChunk]) -> dict[int, tuple[str, StreamChunk]]:
+    out: dict[int, tuple[str, StreamChunk]] = {}
+    for index in sorted({c.index for c in chunks}):
+        mine = [c for c in chunks if c.index == index]
+        assert mine[-1].final and not any(c.final for c in mine[:-1]), index
+        out[index] = ("".join(c.answer for c in mine), mine[-1])
+    return out
+
+
+def test_n_samples_one_at_a_time_each_with_its_seed_and_index():
+    engine = ScriptedEngine(manifest(), lambda _: chars("<think>x</think>ok \\boxed{1}"))
+    request = GenerationRequest(messages=(ChatMessage("user", "q"),), params=SamplingParams(seed=7), n=3)
+    got = samples_of(list(engine.stream(request)))
+    assert sorted(got) == [0, 1, 2]
+    assert all(answer == "ok \\boxed{1}" and last.boxed_answer == "1" for answer, last in got.values())
+    assert engine.seeds == [7, 8, 9] and engine.sequences == [(0, 3), (1, 3), (2, 3)]
+    assert all(last.usage.finish_reason == FinishReason.STOP for _, last in got.values())
+    assert no_worker_threads()
+
+
+def test_n_samples_run_together_up_to_the_capacity():
+    # Two lanes must start together (the barrier breaks otherwise); the third sample follows.
+    barrier = threading.Barrier(2, timeout=30)
+    engine = ScriptedEngine(manifest(), lambda _: chars("abc"), capacity=2, barrier=barrier)
+    request = GenerationRequest(messages=(ChatMessage("user", "q"),), n=3)
+    stream = engine.stream(request)
+    first = next(stream)
+    assert engine._lock.running == 2  # the request holds min(n, capacity) slots
+    got = samples_of([first, *stream])
+    assert sorted(got) == [0, 1, 2] and all(a == "abc" for a, _ in got.values())
+    assert engine.seeds == [None, None, None]  # unseeded samples draw their own randomness
+    assert engine._lock.running == 0
+
+
+def test_cancel_ends_every_sample():
+    engine = ScriptedEngine(manifest(), lambda _: forever("wait "))
+    request = GenerationRequest(messages=(ChatMessage("user", "q"),), n=3,
+                                params=SamplingParams(loop_guard=False))
+    stream = engine.stream(request)
+    next(stream)
+    engine.cancel(request.request_id)
+    got = samples_of(list(stream))
+    assert sorted(got) == [0, 1, 2]
+    assert {last.usage.finish_reason for _, last in got.values()} == {FinishReason.CANCELLED}
+    assert no_worker_threads()
+
+
+def test_a_failing_sample_ends_alone_with_an_error():
+    engine = ScriptedEngine(manifest(), lambda _: chars("partial text"))
+    engine.fail_after = 15  # the first sample (12 tokens + eos) completes, the second fails mid-way
+    request = GenerationRequest(messages=(ChatMessage("user", "q"),), n=2)
+    got = samples_of(list(engine.stream(request)))
+    assert got[0][1].usage.finish_reason == FinishReason.STOP and got[0][0] == "partial text"
+    assert got[1][1].usage.finish_reason == FinishReason.ERROR and "engine exploded" in got[1][1].usage.detail
+
+
+def test_check_refuses_before_anything_runs():
+    engine = ScriptedEngine(manifest(), lambda _: chars("x"), context_length=10)
+    with pytest.raises(BackendError, match="context window is 10"):
+        engine.stream(GenerationRequest(messages=(ChatMessage("user", "a long question"),)))
+    with pytest.raises(BackendError, match="1 to 16 samples"):
+        engine.check(GenerationRequest(messages=(ChatMessage("user", "q"),), n=17))
+    assert engine.calls == [] and engine.pending_requests == 0 and no_worker_threads()

@@ -100,7 +100,12 @@ def _print_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()  # the --backend choices come from the engine registry
+    except BackendError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "config":
             return _print_config(args)
