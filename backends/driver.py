@@ -61,8 +61,11 @@ __all__ = ["CLOSE_THINKING_TEXT", "EngineBackend", "FairLock", "SequenceInfo"]
 
 log = logging.getLogger(__name__)
 
-# How long closing a stream waits for its worker before returning (the worker ends by itself).
+# How long a cancelled or closed stream waits for its worker before returning (the worker then
+# ends by itself at the engine's next step).
 JOIN_TIMEOUT_S = 2.0
+# How often a reader waiting for the next chunk looks at its request's cancel flag.
+_POLL_S = 0.1
 # Prompts encoded by check() and not yet streamed (a request refused by the queue never is).
 _PREPARED_MAX = 256
 
@@ -331,9 +334,29 @@ class EngineBackend(Backend):
         )
         worker.start()
         held: object | None = None
+        finished: set[int] = set()
+        cancelled_at: float | None = None
         try:
             while True:
-                item, held = (held, None) if held is not None else (state.out.get(), None)
+                if held is not None:
+                    item, held = held, None
+                else:
+                    try:
+                        item = state.out.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        if not state.cancelled.is_set():
+                            continue
+                        # Cancelled while the engine is inside one long step (a prompt being
+                        # evaluated): the reader is not kept waiting for it. The worker stops at
+                        # the engine's next step and frees its slots by itself.
+                        cancelled_at = cancelled_at or time.monotonic()
+                        if time.monotonic() - cancelled_at < JOIN_TIMEOUT_S:
+                            continue
+                        for index in sorted(set(range(state.request.n)) - finished):
+                            usage = Usage(finish_reason=FinishReason.CANCELLED, detail="cancelled",
+                                          total_time_s=time.perf_counter() - state.started_at)
+                            yield StreamChunk(usage=usage, index=index)
+                        return
                 if isinstance(item, _Done):
                     return
                 if isinstance(item, _Failure):
@@ -355,6 +378,8 @@ class EngineBackend(Backend):
                         boxed_answer=nxt.boxed_answer,
                         index=item.index,
                     )
+                if item.final:
+                    finished.add(item.index)
                 yield item
         finally:
             state.cancelled.set()

@@ -683,3 +683,33 @@ def test_check_refuses_before_anything_runs():
     with pytest.raises(BackendError, match="1 to 16 samples"):
         engine.check(GenerationRequest(messages=(ChatMessage("user", "q"),), n=17))
     assert engine.calls == [] and engine.pending_requests == 0 and no_worker_threads()
+
+
+def test_cancel_during_a_long_prefill_returns_without_waiting_for_it(monkeypatch):
+    import backends.driver as driver
+
+    monkeypatch.setattr(driver, "JOIN_TIMEOUT_S", 0.05)
+    prefill = threading.Event()
+    started = threading.Event()
+
+    class SlowPrefill(ScriptedEngine):
+        def decode_loop(self, ids, params, max_tokens, on_token):
+            started.set()
+            prefill.wait(30)  # a prompt being evaluated: no token, no callback, for a while
+            super().decode_loop(ids, params, max_tokens, on_token)
+
+    engine = SlowPrefill(manifest(), lambda _: forever("x"))
+    request = GenerationRequest(messages=(ChatMessage("user", "q"),), params=SamplingParams(loop_guard=False))
+    stream = engine.stream(request)
+    chunks: list[StreamChunk] = []
+    reader = threading.Thread(target=lambda: chunks.extend(stream))
+    reader.start()
+    started.wait(30)
+    assert engine.cancel(request.request_id)  # what Stop or a dropped client does
+    reader.join(30)
+    assert not reader.is_alive(), "the reader waited for the prefill"
+    assert chunks[-1].usage.finish_reason == FinishReason.CANCELLED
+    assert engine._lock.running == 1  # the engine is still inside its step …
+    prefill.set()  # … which ends: the engine stops at its first token and frees its slot
+    _wait_until(lambda: engine._lock.running == 0 and no_worker_threads())
+    assert engine.tokens_offered <= 1

@@ -114,3 +114,34 @@ def test_half_login_is_a_configuration_error():
 
     with pytest.raises(ManifestError, match="server.auth.password"):
         check_auth(load_manifest(env={}, overrides={"server.auth.username": "me"}))
+
+
+def test_shutdown_stops_the_loader_at_its_next_progress_report():
+    from backends import LoadProgress
+    from ui.host import ModelHost
+
+    reports = []
+    release = threading.Event()
+
+    class SlowLoad:
+        capacity = 1
+
+        def load(self, progress=None):
+            for step in range(1000):  # a conversion reporting progress per tensor
+                progress(LoadProgress(step / 1000, f"tensor {step}"))
+                reports.append(step)
+                release.wait(0.01)
+            raise AssertionError("the load ran to its end")
+
+        def close(self):
+            pass
+
+    host = ModelHost(load_manifest(env={}), backend_factory=lambda m: SlowLoad())
+    host.start_loading()
+    while len(reports) < 3:
+        release.wait(0.01)
+    host.close(loader_timeout_s=30)
+    assert not host._thread.is_alive()
+    assert len(reports) < 1000
+    status = host.status()
+    assert status.state == "failed" and "shutting down" in status.error
