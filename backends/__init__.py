@@ -48,9 +48,3 @@ __all__ = [
     "to_sampling_params",
 ]
 
-
-def create_backend(manifest: Manifest) -> Backend:
-    """Build (not load) the backend the manifest selects. ``backend: auto`` is resolved here."""
-    from .auto import create_backend as _create
-
-    return _create(manifest)

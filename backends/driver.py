@@ -24,6 +24,9 @@ from the iterator; a failure after text has streamed ends that sample with a fin
 Threads: closing the stream (Stop, a dropped client) sets the request's cancel flag and waits at
 most :data:`JOIN_TIMEOUT_S` for its worker; the engine stops at its next step (a token, or a
 prefill chunk) and the worker then frees its slots by itself.
+
+(About 440 lines: a request's life — line, workers, samples, phases, cancel — reads best in one
+place; the pieces that stand alone live in fairlock.py and policy.py.)
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .base import Backend
+from .fairlock import FairLock
 from .policy import CLOSE, CLOSE_THINKING_TEXT, ReplyPolicy
 from .types import (
     BackendError,
@@ -68,72 +72,6 @@ JOIN_TIMEOUT_S = 2.0
 _POLL_S = 0.1
 # Prompts encoded by check() and not yet streamed (a request refused by the queue never is).
 _PREPARED_MAX = 256
-
-
-class FairLock:
-    """A FIFO lock whose waiters can give up (cancellation) while in line.
-
-    ``capacity`` > 1 makes it a fair counting semaphore for engines that decode several requests
-    together (continuous batching): each request takes one slot, :meth:`EngineBackend.exclusive`
-    takes them all. FIFO order holds for every weight, so a waiting exclusive user is never
-    overtaken by later requests. With the default capacity of 1 it is the plain FIFO lock.
-    """
-
-    def __init__(self, capacity: int = 1) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        self.capacity = capacity
-        self._cond = threading.Condition()
-        self._line: deque[object] = deque()
-        self._used = 0
-
-    def acquire(self, cancelled: threading.Event | None = None, weight: int = 1) -> bool:
-        """Wait for our turn; False (and out of the line) if ``cancelled`` is set first."""
-        weight = max(1, min(weight, self.capacity))
-        ticket = object()
-        with self._cond:
-            self._line.append(ticket)
-            try:
-                while self._used + weight > self.capacity or self._line[0] is not ticket:
-                    if cancelled is not None and cancelled.is_set():
-                        return False
-                    self._cond.wait()
-                if cancelled is not None and cancelled.is_set():
-                    return False
-                self._used += weight
-                return True
-            finally:
-                self._line.remove(ticket)
-                # Whoever is now first in line must re-check (we left it or took the lock).
-                self._cond.notify_all()
-
-    def release(self, weight: int = 1) -> None:
-        with self._cond:
-            self._used = max(0, self._used - max(1, min(weight, self.capacity)))
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """Make waiters re-check their cancellation flag."""
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._line)
-
-    @property
-    def held(self) -> bool:
-        with self._cond:
-            return self._used > 0
-
-    @property
-    def running(self) -> int:
-        """Slots in use (requests decoding now, or ``capacity`` during an exclusive section)."""
-        with self._cond:
-            return self._used
-
-
 
 
 @dataclass(frozen=True)

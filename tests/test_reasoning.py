@@ -643,12 +643,18 @@ def test_n_samples_one_at_a_time_each_with_its_seed_and_index():
 def test_n_samples_run_together_up_to_the_capacity():
     # Two lanes must start together (the barrier breaks otherwise); the third sample follows.
     barrier = threading.Barrier(2, timeout=30)
-    engine = ScriptedEngine(manifest(), lambda _: chars("abc"), capacity=2, barrier=barrier)
+    gate = threading.Event()
+    engine = ScriptedEngine(manifest(), lambda _: chars("abc"), capacity=2, barrier=barrier, gate=gate)
     request = GenerationRequest(messages=(ChatMessage("user", "q"),), n=3)
     stream = engine.stream(request)
-    first = next(stream)
+    chunks: list[StreamChunk] = []
+    reader = threading.Thread(target=lambda: chunks.extend(stream))
+    reader.start()
+    _wait_until(lambda: len(engine.calls) == 2)
     assert engine._lock.running == 2  # the request holds min(n, capacity) slots
-    got = samples_of([first, *stream])
+    gate.set()
+    reader.join(30)
+    got = samples_of(chunks)
     assert sorted(got) == [0, 1, 2] and all(a == "abc" for a, _ in got.values())
     assert engine.seeds == [None, None, None]  # unseeded samples draw their own randomness
     assert engine._lock.running == 0

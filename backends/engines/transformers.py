@@ -7,7 +7,6 @@ shared driver's (:mod:`backends.driver`). torch and transformers are imported on
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path

@@ -18,13 +18,10 @@ conversion is detected (:func:`conversion_is_current`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,137 +30,25 @@ from typing import Any
 import numpy as np
 
 from ..types import BackendError, LoadProgress
+from .safetensors_reader import _Mmaps, _safetensors_files, _tensor_refs, _TensorRef, _to_f32
+from .stamps import (  # noqa: F401 - conversion_is_current/read_stamp/remove_partials/stamp_path are public here
+    CONVERTER_VERSION,
+    PARTIAL_MARK,
+    STAMP_SUFFIX,
+    _atomic_write_text,
+    _mkstemp,
+    conversion_is_current,
+    read_stamp,
+    remove_partials,
+    source_fingerprint,
+    stamp_path,
+)
 
 log = logging.getLogger(__name__)
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_K_M")
-STAMP_SUFFIX = ".stamp.json"
-PARTIAL_MARK = ".partial"
-# Bump when the writer changes in a way that makes older outputs wrong.
-CONVERTER_VERSION = 1
-# Files whose change makes a conversion stale (besides the safetensors).
-_SOURCE_META_FILES = (
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 Progress = Callable[[LoadProgress], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors, read without torch (numpy has no bfloat16: we widen it by hand)
-
-
-@dataclass(frozen=True)
-class _TensorRef:
-    name: str
-    file: Path
-    dtype: str  # safetensors dtype: F32 | F16 | BF16
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
-
-
-_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, bytes]:
-    """Return (header, data_start, raw header bytes) of a .safetensors file."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise BackendError(f"{path} is not a safetensors file (too short: {size} bytes). Re-copy the checkpoint.")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(size - 8, 100 * 2**20):
-            raise BackendError(f"{path} has a corrupt safetensors header (length {n}). Re-copy the checkpoint.")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise BackendError(f"{path} has a corrupt safetensors header (not JSON). Re-copy the checkpoint.") from None
-    return header, 8 + n, raw
-
-
-def _safetensors_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise BackendError(f"{index} is not a valid safetensors index ({exc}). Re-copy the checkpoint.") from None
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (src / n).is_file()]
-        if missing:
-            raise BackendError(
-                f"{src} is missing weight shards listed in model.safetensors.index.json: {', '.join(missing)}. "
-                "Copy all shards (the upload may be incomplete)."
-            )
-        return [src / n for n in names]
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise BackendError(
-            f"No *.safetensors weights in {src}. Point the model path at the folder with config.json and "
-            "model*.safetensors (pytorch_model.bin checkpoints must be re-saved as safetensors first)."
-        )
-    return files
-
-
-def _tensor_refs(files: list[Path]) -> list[_TensorRef]:
-    refs: list[_TensorRef] = []
-    for path in files:
-        header, data_start, _ = _read_safetensors_header(path)
-        size = path.stat().st_size
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = meta.get("dtype")
-            if dtype not in _ST_DTYPES:
-                raise BackendError(
-                    f"{path.name}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 checkpoints can be "
-                    "converted. Use the original (unquantized) VibeThinker weights."
-                )
-            begin, end = meta["data_offsets"]
-            if data_start + end > size:
-                raise BackendError(
-                    f"{path} is truncated ({size} bytes, tensor {name} needs {data_start + end}). "
-                    "Re-copy the checkpoint; the upload was probably interrupted."
-                )
-            refs.append(_TensorRef(name, path, dtype, tuple(meta["shape"]), data_start + begin, data_start + end))
-    return refs
-
-
-class _Mmaps:
-    """One read-only memory map per shard, closed together."""
-
-    def __init__(self) -> None:
-        self._maps: dict[Path, np.memmap] = {}
-
-    def array(self, ref: _TensorRef) -> np.ndarray:
-        mm = self._maps.get(ref.file)
-        if mm is None:
-            mm = self._maps[ref.file] = np.memmap(ref.file, dtype=np.uint8, mode="r")
-        raw = mm[ref.start : ref.end]
-        if ref.dtype == "F32":
-            return raw.view(np.float32).reshape(ref.shape)
-        if ref.dtype == "F16":
-            return raw.view(np.float16).reshape(ref.shape)
-        return raw.view(np.uint16).reshape(ref.shape)  # BF16, widened by _to_f32
-
-    def close(self) -> None:
-        for mm in self._maps.values():
-            mm._mmap.close()  # type: ignore[attr-defined]
-        self._maps.clear()
-
-
-def _to_f32(ref: _TensorRef, arr: np.ndarray) -> np.ndarray:
-    if ref.dtype == "BF16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,99 +256,6 @@ def _convert_tensor(item: _Planned, arr: np.ndarray, gguf: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# stamp: what a finished conversion was made from
-
-
-def _source_files(src: Path) -> list[Path]:
-    files = _safetensors_files(src)
-    files += [src / n for n in _SOURCE_META_FILES if (src / n).is_file()]
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        files.append(index)
-    return files
-
-
-def source_fingerprint(src: Path) -> dict[str, dict[str, Any]]:
-    """Size, mtime and (for safetensors) header hash of every file the conversion reads."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in _source_files(src):
-        st = path.stat()
-        entry: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        if path.suffix == ".safetensors":
-            entry["header_sha256"] = hashlib.sha256(_read_safetensors_header(path)[2]).hexdigest()
-        out[path.name] = entry
-    return out
-
-
-def stamp_path(gguf_path: Path) -> Path:
-    return gguf_path.with_name(gguf_path.name + STAMP_SUFFIX)
-
-
-def read_stamp(gguf_path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(stamp_path(gguf_path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def conversion_is_current(src: Path, gguf_path: Path, quant: str) -> tuple[bool, str]:
-    """Whether ``gguf_path`` is a complete conversion of ``src`` at ``quant``; else why not."""
-    stamp = read_stamp(gguf_path)
-    if not gguf_path.is_file():
-        return False, f"{gguf_path.name} does not exist yet"
-    if stamp is None:
-        return False, f"{gguf_path.name} has no conversion stamp (interrupted or made elsewhere)"
-    if stamp.get("converter_version") != CONVERTER_VERSION:
-        return False, "it was made by another converter version"
-    if stamp.get("quant") != quant:
-        return False, f"it is {stamp.get('quant')}, {quant} was asked for"
-    if stamp.get("gguf_size") != gguf_path.stat().st_size:
-        return False, f"{gguf_path.name} has the wrong size (partial or modified)"
-    try:
-        current = source_fingerprint(src)
-    except BackendError as exc:
-        return False, str(exc)
-    if stamp.get("sources") != current:
-        changed = sorted(set(current) ^ set(stamp.get("sources") or {}))
-        changed += sorted(n for n in current if n in (stamp.get("sources") or {}) and current[n] != stamp["sources"][n])
-        return False, f"the checkpoint changed since the conversion ({', '.join(changed)})"
-    return True, "up to date"
-
-
-def _mkstemp(folder: Path, prefix: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=PARTIAL_MARK)
-    os.close(fd)
-    # mkstemp makes 0600 files; the GGUF should be readable like any other file the user makes.
-    os.chmod(name, 0o666 & ~_umask())
-    return Path(name)
-
-
-def _umask() -> int:
-    # Read, not set-and-restore: os.umask() would change it for every thread for a moment.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _mkstemp(path.parent, f".{path.name}.")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
 # public API
 
 
@@ -621,11 +413,3 @@ def default_gguf_name(src: Path, quant: str) -> str:
     return f"{Path(src).resolve().name}-{quant}.gguf"
 
 
-def remove_partials(folder: Path, out_name: str) -> list[Path]:
-    """Delete temporary files an interrupted conversion to ``out_name`` left in ``folder``."""
-    removed: list[Path] = []
-    for path in Path(folder).glob(f".{out_name}.*{PARTIAL_MARK}"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed

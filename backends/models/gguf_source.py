@@ -27,16 +27,9 @@ from pathlib import Path
 
 from ..base import ProgressCallback
 from .checks import ModelFolder, check_gguf_file, inspect_model_folder, require_gguf
-from .convert import (
-    conversion_is_current,
-    convert_hf_to_gguf,
-    default_gguf_name,
-    estimate_gguf_bytes,
-    read_stamp,
-    remove_partials,
-    stamp_path,
-)
 from ..config import Manifest
+from .convert import convert_hf_to_gguf, default_gguf_name, estimate_gguf_bytes
+from .stamps import conversion_is_current, read_stamp, remove_partials, stamp_path
 from ..types import BackendError, EngineUnavailable
 
 log = logging.getLogger(__name__)
