@@ -23,7 +23,7 @@ from .types import BackendError
 
 if TYPE_CHECKING:
     from .base import Backend
-    from .config import Manifest
+    from .config.schema import Manifest
     from .models.checks import ModelFolder
 
 BUILTIN = ("backends.engines.transformers", "backends.engines.llamacpp")

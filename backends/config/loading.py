@@ -208,6 +208,14 @@ def load_config(
         lines = [_describe_error(e, origins, file_origin if read else DEFAULT_ORIGIN) for e in exc.errors()]
         where = manifest_path if read else "the configuration"
         raise ManifestError(f"Invalid configuration in {where}:\n" + "\n".join(lines)) from None
+    from ..registry import choices  # the engines, and so the allowed backends, come from the registry
+
+    allowed = choices()
+    if manifest.backend not in allowed:
+        where = manifest_path if read else "the configuration"
+        origin = origins.get("backend", file_origin if read else DEFAULT_ORIGIN)
+        raise ManifestError(f"Invalid configuration in {where}:\n  - backend = {manifest.backend!r} (from {origin}): "
+                            f"unknown backend; allowed: {', '.join(allowed)}")
     return LoadedConfig(manifest=manifest, path=manifest_path if read else None, origins=origins)
 
 

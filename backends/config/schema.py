@@ -158,6 +158,7 @@ class InstallSettings(_Section):
 
 
 class Manifest(_Section):
+    # Checked against the engine registry by load_config (the schema is data: it imports no engine).
     backend: str = setting("auto", "Inference engine: auto, or one of the registered engines (transformers, "
                            "llamacpp, …).", env="VT_BACKEND")
     model: ModelSettings = section(ModelSettings, "The model files.")
@@ -166,16 +167,6 @@ class Manifest(_Section):
     generation: GenerationSettings = section(GenerationSettings, "Sampling defaults (requests may override them).")
     server: ServerSettings = section(ServerSettings, "The web page and API server.")
     install: InstallSettings = section(InstallSettings, "What 1键推理.sh installs.")
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        from ..registry import choices
-
-        allowed = choices()
-        if value not in allowed:
-            raise ValueError(f"unknown backend; allowed: {', '.join(allowed)}")
-        return value
 
     def llamacpp_parallel(self) -> int:
         """``llamacpp.parallel`` with ``auto`` resolved (it follows server.concurrency)."""
