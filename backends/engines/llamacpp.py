@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 from ..base import ProgressCallback
 from ..models.checks import check_hf_folder, inspect_model_folder, require_gguf, verify_sha256
 from ..driver import EngineBackend
+from ..hardware import physical_cores
 from ..models.gguf_source import NotEnoughDisk, ensure_gguf, plan_gguf
 from ..config import Manifest
 from ..registry import AutoContext, AutoRank, EngineSpec
@@ -79,45 +79,6 @@ def import_llama_cpp() -> Any:
         ) from None
     _keep_weights_out_of_amx(llama_cpp)
     return llama_cpp
-
-
-def physical_cores() -> int:
-    """CPU cores we may use, counting hyper-threads once (decode speed scales with cores)."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = list(range(os.cpu_count() or 1))
-    cores = len(allowed)
-    try:
-        # Siblings share (physical id, core id); count distinct pairs among the CPUs we may use.
-        pairs: set[tuple[str, str]] = set()
-        cpu: int | None = None
-        phys = core = ""
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "processor":
-                cpu = int(value)
-            elif key == "physical id":
-                phys = value
-            elif key == "core id":
-                core = value
-            elif not line.strip() and cpu is not None:
-                if cpu in allowed and core:
-                    pairs.add((phys, core))
-                cpu, phys, core = None, "", ""
-        if pairs:
-            cores = min(cores, len(pairs))
-    except (OSError, ValueError):
-        pass
-    # A container's CPU quota (cgroup v2) caps what the affinity mask shows.
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 _QUIET_CALLBACK: Any = None
