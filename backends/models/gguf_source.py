@@ -15,15 +15,15 @@ checkpoint take turns on a lock file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from ..base import ProgressCallback
 from .checks import ModelFolder, check_gguf_file, inspect_model_folder, require_gguf
@@ -143,17 +143,6 @@ def conversion_target(manifest: Manifest, src: Path, quant: str) -> Path:
     )
 
 
-@contextlib.contextmanager
-def _conversion_lock(folder: Path, name: str) -> Iterator[None]:
-    lock_path = folder / f".{name}.lock"
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _remove_old_conversions(folder: Path, src: Path, keep: Path) -> None:
     """Drop our earlier conversions of ``src`` at other quants: each one is GBs."""
     stem = src.resolve().name
@@ -187,7 +176,8 @@ def ensure_gguf(manifest: Manifest, progress: ProgressCallback | None = None, *,
     out = plan.path
     src = plan.convert_from
     log.info("llama.cpp model: %s", plan.why)
-    with _conversion_lock(out.parent, out.name):
+    # Two processes converting the same checkpoint take turns (filelock: released if one dies).
+    with FileLock(out.parent / f".{out.name}.lock"):
         # Another process may have finished the same conversion while we waited for the lock.
         current, _ = conversion_is_current(src, out, plan.quant)
         if not current:
