@@ -123,7 +123,7 @@ class RemoteSettings(_Section):
         "", "The model's chat template, used to continue a reply whose thinking we closed (budget, loop): a .jinja "
         "file, a tokenizer_config.json or a model folder; empty = model.path's when it is a local folder, else "
         "the upstream's own (llama-server /apply-template).")
-    connect_timeout_s: float = setting(5.0, "Seconds to connect to the upstream.", gt=0)
+    connect_timeout_s: float = setting(3.0, "Seconds to connect to the upstream (each try).", gt=0)
     read_timeout_s: float = setting(
         600.0, "Longest silence while a reply streams (a long prompt on a busy upstream) before it counts as failed.",
         gt=0)

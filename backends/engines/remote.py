@@ -193,7 +193,8 @@ def plain_http_warning(url: str) -> str | None:
         return None
     return (f"remote.base_url {url} is plain HTTP to another machine: prompts, answers and remote.api_key "
             "cross the network unencrypted. Use https:// (a TLS proxy in front of the upstream) or an SSH tunnel "
-            "to 127.0.0.1 / remote.base_url 是发往其他机器的明文 HTTP：提示词、回答和密钥未加密，请改用 https:// 或 SSH 隧道。")
+            "to 127.0.0.1 / remote.base_url 是发往其他机器的明文 HTTP：提示词、回答和密钥未加密，"
+            "请改用 https:// 或 SSH 隧道。")
 
 
 def _root_of(url: str) -> str:
@@ -268,7 +269,8 @@ class LocalTemplate(ChatTemplate):
         elif path.name.endswith(".json"):
             text = config.get("chat_template")
             if not text:
-                raise BackendError(f"{path} has no chat_template: name the model's tokenizer_config.json or a .jinja file.")
+                raise BackendError(f"{path} has no chat_template: name the model's tokenizer_config.json or a "
+                                   ".jinja file.")
         else:
             text = path.read_text(encoding="utf-8")
         if isinstance(text, list):  # [{"name": "default", "template": ...}, ...]
@@ -630,7 +632,8 @@ class RemoteBackend(Backend):
             return f"passed to the {self.kind.label}" + (", ours as a safety net" if self.can_continue else "")
         if self.can_continue:
             return "enforced here (closed at the budget, then continued)"
-        return "not enforced (the upstream takes none per request and no chat template is known: set remote.chat_template)"
+        return ("not enforced (the upstream takes none per request and no chat template is known: set "
+                "remote.chat_template)")
 
     def info(self) -> BackendInfo:
         template = self.template.source if self.template is not None else ""
@@ -967,12 +970,12 @@ class RemoteBackend(Backend):
                     why = ("the upstream has no /v1/completions" if not self.kind.completions
                            else "no chat template is known: set remote.chat_template")
                     job.emit(reply.finish(cut.reason, f"{cut.detail}; generation stopped ({why})",
-                                             job.prompt_tokens))
+                                          job.prompt_tokens))
                     return
                 reply.close_thinking(cut.reason, cut.detail)
                 if reply.tokens_left <= 0:
                     job.emit(reply.finish(FinishReason.LENGTH, f"{cut.detail}, but no tokens were left for the "
-                                             "answer", job.prompt_tokens))
+                                          "answer", job.prompt_tokens))
                     return
                 await self._continue(job, s)
                 continue
@@ -983,12 +986,12 @@ class RemoteBackend(Backend):
                 s.detached = False
                 if reply.tokens_left <= 0:
                     job.emit(reply.finish(FinishReason.LENGTH, f"reached the limit of {reply.max_new} new tokens",
-                                             job.prompt_tokens))
+                                          job.prompt_tokens))
                     return
                 await self._continue(job, s)
                 continue
             job.emit(reply.finish(FinishReason.ERROR, "the upstream ended the stream before the reply was complete",
-                                     job.prompt_tokens))
+                                  job.prompt_tokens))
             return
 
     async def _prompt(self, job: _Job) -> str:
@@ -1082,7 +1085,8 @@ class RemoteBackend(Backend):
                     yield self._events(resp)
                     return
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                reason = f"the upstream {self.url} does not answer ({_transport_text(exc, self.settings.connect_timeout_s)})"
+                why = _transport_text(exc, self.settings.connect_timeout_s)
+                reason = f"the upstream {self.url} does not answer ({why})"
                 self._suspect(reason)
                 raise UpstreamUnavailable(f"{reason}; try again in a moment.") from None
             except httpx.ReadTimeout:
@@ -1114,8 +1118,8 @@ class RemoteBackend(Backend):
     def _http_error(self, code: int, message: str, path: str) -> BackendError:
         if code in (400, 413, 422):
             if _CONTEXT_WORDS.search(message):
-                return ContextLengthExceeded(f"对话太长 / The upstream says the conversation is too long: {message}. "
-                                             "Start a new chat or shorten the messages.")
+                return ContextLengthExceeded(f"对话太长 / The upstream says the conversation is too long: "
+                                             f"{message}. Start a new chat or shorten the messages.")
             return RequestError(f"The upstream refused the request (HTTP {code}): {message}")
         if code in (401, 403):
             return BackendError(f"The upstream refuses our key (HTTP {code}): set remote.api_key to the key it "

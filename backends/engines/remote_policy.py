@@ -298,7 +298,10 @@ class TextReply:
             span = self.last_at - self.first_at
             if span > 0:
                 rate = (self.pieces - 1) / span
-        reasoning, answer = exact if exact is not None else (self.reasoning_pieces, self.answer_pieces + self._undecided)
+        if exact is not None:
+            reasoning, answer = exact
+        else:
+            reasoning, answer = self.reasoning_pieces, self.answer_pieces + self._undecided
         return Usage(
             prompt_tokens=prompt_tokens,
             reasoning_tokens=reasoning,
