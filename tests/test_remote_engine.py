@@ -211,6 +211,25 @@ def test_n_samples_pass_through(which, via_llama, via_app):
     assert reasoning[0] == reasoning[1] and answer[0] == answer[1]  # greedy
 
 
+def test_shared_stream_cut_continues_every_sample_and_n_falls_back(llama_server, tiny_model_dir):
+    # kind: openai sends n as is; llama-cpp-python's server answers one choice whatever n says.
+    remote = RemoteBackend(_manifest(**{"remote.base_url": llama_server.url + "/v1", "remote.api_key": KEY,
+                                        "remote.kind": "openai", "remote.chat_template": str(tiny_model_dir)}))
+    remote.load()
+    try:
+        # Sample 0 loops: the shared stream is cut and each sample continues on its own (sample 1
+        # from the start, through /v1/completions), both closing their thinking and answering.
+        reasoning, answer, finals = _run(remote, LOOP_PROMPT, n=2, max_new_tokens=2000)
+        assert [f.usage.finish_reason for f in finals] == [FinishReason.LOOP, FinishReason.LOOP]
+        assert all(f.boxed_answer is not None for f in finals) and reasoning[0] == reasoning[1]
+        # No cut: the stream ends with sample 1 never sent; it is asked for on its own.
+        reasoning, answer, finals = _run(remote, ADD_PROMPT, n=2)
+        assert [f.boxed_answer for f in finals] == ["4", "4"] and answer[0] == answer[1]
+        assert remote._split_n  # remembered: one request per sample from now on
+    finally:
+        remote.close()
+
+
 @pytest.mark.parametrize("how", ["close", "cancel"])
 def test_stopping_closes_the_upstream_request(how, via_app, upstream_app):
     counted = {"finish_reason": "cancelled"}

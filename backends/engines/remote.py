@@ -393,6 +393,7 @@ class _Sample:
     streams: int = 0  # upstream streams it took part in
     exact: tuple[int, int] | None = None  # (reasoning, answer) tokens from the upstream's usage
     deferred: bool = False  # a loop while thinking was left to the upstream once (no way to continue)
+    shared: bool = False  # it was asked for as one of n choices of one request
 
     @property
     def open(self) -> bool:
@@ -485,6 +486,7 @@ class RemoteBackend(Backend):
         self._jobs: dict[str, _Job] = {}
         self._jobs_lock = threading.Lock()
         self._omit_max_tokens = False
+        self._split_n = False  # the upstream answered one choice when asked for n: one request per sample
         self._last_data_at = -BUSY_GRACE_S  # when a reply last streamed something (health: busy ≠ gone)
 
     # -- loading ----------------------------------------------------------------------------
@@ -854,7 +856,7 @@ class RemoteBackend(Backend):
             for i in range(request.n)
         ]
         try:
-            if request.n > 1 and self.kind.native_n:
+            if request.n > 1 and self.kind.native_n and not self._split_n:
                 await self._group(job, samples)
             else:
                 await _gather_or_cancel([self._group(job, [s]) for s in samples])
@@ -910,6 +912,7 @@ class RemoteBackend(Backend):
         body.update(self.settings.extra_body)  # the user's word wins
         for s in samples:
             s.streams += 1
+            s.shared = shared
         usage: Any = None
         async with self._stream("/chat/completions", body) as events:
             async for event in events:
@@ -989,6 +992,14 @@ class RemoteBackend(Backend):
                                           job.prompt_tokens))
                     return
                 await self._continue(job, s)
+                continue
+            if s.shared and s.streams == 1 and reply.pieces == 0:
+                # The upstream ignored n and sent one choice: ask for this sample on its own (and for
+                # every sample from now on).
+                if not self._split_n:
+                    log.info("upstream %s answers one choice per request: sending one request per sample", self.url)
+                    self._split_n = True
+                await self._chat(job, [s])
                 continue
             job.emit(reply.finish(FinishReason.ERROR, "the upstream ended the stream before the reply was complete",
                                   job.prompt_tokens))
