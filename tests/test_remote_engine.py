@@ -88,7 +88,9 @@ def _manifest(**overrides):
 
 
 def _run(backend, prompt: str, n: int = 1, **params):
-    req = GenerationRequest((ChatMessage("user", prompt),), SamplingParams(**{"temperature": 0.0, **params}), n=n)
+    # A modest max_new_tokens: llama-cpp-python's server slows down with a large max_tokens.
+    params = {"temperature": 0.0, "max_new_tokens": 400, **params}
+    req = GenerationRequest((ChatMessage("user", prompt),), SamplingParams(**params), n=n)
     reasoning, answer, finals = [""] * n, [""] * n, [None] * n
     for chunk in backend.stream(req):
         reasoning[chunk.index] += chunk.reasoning
@@ -190,7 +192,7 @@ def test_native_budget_is_applied_by_the_upstream(via_app, upstream_app):
 
 
 def test_loop_guard_on_the_text_stream(via_llama):
-    reasoning, answer, finals = _run(via_llama, LOOP_PROMPT, max_new_tokens=2000)
+    reasoning, answer, finals = _run(via_llama, LOOP_PROMPT)
     usage = finals[0].usage
     assert usage.finish_reason == FinishReason.LOOP
     assert "character span" in usage.detail and usage.detail.endswith("while thinking; thinking closed and the "
@@ -198,7 +200,7 @@ def test_loop_guard_on_the_text_stream(via_llama):
     assert reasoning[0].count("wait") < 240  # long before the trained 240 repetitions
     assert finals[0].boxed_answer is not None  # the thinking was closed and an answer written
     # Without the guard the same prompt runs its course: the cut above was ours.
-    reasoning, _, finals = _run(via_llama, LOOP_PROMPT, max_new_tokens=2000, loop_guard=False)
+    reasoning, _, finals = _run(via_llama, LOOP_PROMPT, loop_guard=False)
     assert finals[0].usage.finish_reason == FinishReason.STOP and reasoning[0].count("wait") >= 200
 
 
@@ -219,7 +221,7 @@ def test_shared_stream_cut_continues_every_sample_and_n_falls_back(llama_server,
     try:
         # Sample 0 loops: the shared stream is cut and each sample continues on its own (sample 1
         # from the start, through /v1/completions), both closing their thinking and answering.
-        reasoning, answer, finals = _run(remote, LOOP_PROMPT, n=2, max_new_tokens=2000)
+        reasoning, answer, finals = _run(remote, LOOP_PROMPT, n=2)
         assert [f.usage.finish_reason for f in finals] == [FinishReason.LOOP, FinishReason.LOOP]
         assert all(f.boxed_answer is not None for f in finals) and reasoning[0] == reasoning[1]
         # No cut: the stream ends with sample 1 never sent; it is asked for on its own.
@@ -344,13 +346,14 @@ def test_openai_sdk_through_the_remote_engine(front):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     content, thought = "", ""
-    for chunk in client.chat.completions.create(model="vibethinker-1.5b", stream=True,
+    for chunk in client.chat.completions.create(model="vibethinker-1.5b", stream=True, max_tokens=400,
                                                 messages=[{"role": "user", "content": ADD_PROMPT}]):
         if chunk.choices:
             content += chunk.choices[0].delta.content or ""
             thought += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
     assert content == "The answer is \\boxed{4}." and "Two plus two is four" in thought
     resp = client.chat.completions.create(model="vibethinker-1.5b", extra_body={"thinking_budget": 3},
+                                          max_tokens=400,
                                           messages=[{"role": "user", "content": ADD_PROMPT}])
     assert resp.model_extra["vibethinker"]["finish_reason"] == "budget"
     assert "\\boxed{" in resp.choices[0].message.content
@@ -377,7 +380,8 @@ def test_upstream_down_is_503_and_back_is_200_without_a_restart(front, llama_ser
         assert health.json()["status"] == "unavailable" and llama_server.url in health.json()["reason"]
         # A request now is refused at once, with Retry-After (a client timeout of 10 s: never a hang).
         resp = httpx.post(front.url + "/v1/chat/completions", timeout=10,
-                          json={"model": "vibethinker-1.5b", "messages": [{"role": "user", "content": ADD_PROMPT}]})
+                          json={"model": "vibethinker-1.5b", "messages": [{"role": "user", "content": ADD_PROMPT}],
+                                "max_tokens": 400})
         assert resp.status_code == 503 and resp.headers["retry-after"]
         assert resp.json()["error"]["code"] == "model_not_ready"
         assert read_metric(front.url, "vibethinker_engine_up", {"engine": "remote"}) == 0
@@ -386,7 +390,8 @@ def test_upstream_down_is_503_and_back_is_200_without_a_restart(front, llama_ser
     wait_for(lambda: httpx.get(front.url + "/health", timeout=5).status_code == 200, timeout=60,
              what="/health to turn 200 again")
     resp = httpx.post(front.url + "/v1/chat/completions", timeout=60,
-                      json={"model": "vibethinker-1.5b", "messages": [{"role": "user", "content": ADD_PROMPT}]})
+                      json={"model": "vibethinker-1.5b", "messages": [{"role": "user", "content": ADD_PROMPT}],
+                            "max_tokens": 400})
     assert resp.status_code == 200 and "\\boxed{4}" in resp.json()["choices"][0]["message"]["content"]
     assert read_metric(front.url, "vibethinker_engine_up", {"engine": "remote"}) == 1
 

@@ -148,9 +148,12 @@ def detect_kind(card: dict[str, Any]) -> str:
 
 
 def _context_of(card: dict[str, Any]) -> int:
-    for value in (card.get("max_model_len"), (card.get("metadata") or {}).get("context_length"),
-                  (card.get("meta") or {}).get("n_ctx_train") if isinstance(card.get("meta"), dict) else None):
-        if isinstance(value, int) and value > 0:
+    """The context window the upstream states: vLLM/SGLang ``max_model_len``, another
+    vibethinker-app ``metadata.context_length``, llama-server ``meta.n_ctx_train``; 0 = unknown."""
+    meta = card.get("metadata") if isinstance(card.get("metadata"), dict) else {}
+    llama_meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
+    for value in (card.get("max_model_len"), meta.get("context_length"), llama_meta.get("n_ctx_train")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 0
 
@@ -236,8 +239,13 @@ class LocalTemplate(ChatTemplate):
         self._vars = {"bos_token": bos, "eos_token": eos}
 
     def render_now(self, messages: Sequence[ChatMessage]) -> str:
-        return self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
-                                     add_generation_prompt=True, **self._vars)
+        import jinja2
+
+        try:
+            return self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
+                                         add_generation_prompt=True, **self._vars)
+        except jinja2.TemplateError as exc:
+            raise RequestError(f"The model's chat template ({self.source}) refuses this conversation: {exc}") from None
 
     async def render(self, messages: Sequence[ChatMessage]) -> str:
         return self.render_now(messages)
@@ -307,7 +315,8 @@ class UpstreamTemplate(ChatTemplate):
     async def probe(cls, client: Any, base_url: str) -> UpstreamTemplate | None:
         url = _root_of(base_url) + "/apply-template"
         try:
-            resp = await client.post(url, json={"messages": [{"role": "user", "content": "1+1?"}]})
+            resp = await client.post(url, json={"messages": [{"role": "user", "content": "1+1?"}]},
+                                     timeout=PROBE_TIMEOUT_S)
             if resp.status_code == 200 and isinstance(resp.json().get("prompt"), str):
                 return cls(client, url)
         except Exception:  # noqa: BLE001 - any failure means "not offered"
@@ -613,7 +622,7 @@ class RemoteBackend(Backend):
             if found is not None:
                 return found
         if self.kind.name == "llamacpp":
-            return await UpstreamTemplate.probe(self._probe_client, self.url)
+            return await UpstreamTemplate.probe(self._client, self.url)
         return None
 
     @property
