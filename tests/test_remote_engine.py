@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends import BackendError, ChatMessage, FinishReason, GenerationRequest, SamplingParams
+from backends import BackendError, ChatMessage, FinishReason, GenerationRequest, SamplingParams, create_backend, registry
 from backends.config import load_manifest
 from backends.config.schema import LoopGuardSettings, ManifestError
 from backends.engines.remote import RemoteBackend, UpstreamUnavailable, detect_kind, plain_http_warning
@@ -286,6 +286,15 @@ def test_wrong_key_and_wrong_address_fail_with_the_fix(llama_server):
 
 
 # -- configuration and the text policy (no server) --------------------------------------------------
+
+def test_registered_like_any_engine():
+    spec = registry.get("remote")
+    assert spec.needs_local_model is False and spec.auto_rank is None and spec.extras == ("remote",)
+    assert "remote" in registry.choices() and spec.problem() is None
+    manifest = _manifest(**{"remote.base_url": "http://127.0.0.1:9/v1", "remote.max_concurrency": 24})
+    assert isinstance(create_backend(manifest), RemoteBackend)
+    assert manifest.engine_concurrency() == 24  # the page's queue and our line admit what the upstream takes
+
 
 def test_base_url_is_checked():
     with pytest.raises(BackendError, match="remote.base_url"):
