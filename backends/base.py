@@ -4,9 +4,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 
-from .types import MAX_SAMPLES, BackendInfo, GenerationRequest, LoadProgress, RequestError, StreamChunk
+from .types import MAX_SAMPLES, BackendError, BackendInfo, GenerationRequest, LoadProgress, RequestError, StreamChunk
 
 ProgressCallback = Callable[[LoadProgress], None]
+
+
+class ServiceUnavailable(BackendError):
+    """The engine cannot serve right now but will again without a restart (a remote engine whose
+    upstream does not answer): the server answers 503 with Retry-After instead of failing."""
 
 
 class Backend(abc.ABC):
@@ -56,6 +61,13 @@ class Backend(abc.ABC):
     def capacity(self) -> int:
         """Sequences the engine decodes at once once loaded (the server admits exactly this many)."""
         return 1
+
+    def unavailable(self) -> str | None:
+        """Why the loaded engine cannot serve right now (an unreachable upstream), or None.
+
+        Cheap and non-blocking (the server asks on every /health and request); an engine that can
+        lose its means after loading keeps the answer fresh itself."""
+        return None
 
     def close(self) -> None:
         """Free the model's memory. The backend may be loaded again afterwards."""

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .config.schema import Manifest
     from .models.checks import ModelFolder
 
-BUILTIN = ("backends.engines.transformers", "backends.engines.llamacpp")
+BUILTIN = ("backends.engines.transformers", "backends.engines.llamacpp", "backends.engines.remote")
 PLUGINS_ENV = "VT_ENGINE_MODULES"
 
 

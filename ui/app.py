@@ -125,11 +125,16 @@ def build_app(host: ModelHost) -> FastAPI:
     install_error_handlers(app, host)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}},
-             summary="200 {\"health\": \"true\"} when ready; 503 with the reason while loading, failed or draining")
+             summary="200 {\"health\": \"true\"} when ready; 503 with the reason while loading, failed, draining "
+             "or while the engine cannot serve (a remote engine's upstream does not answer)")
     def health() -> JSONResponse:
         st = host.status()
         if st.ready:
-            return JSONResponse({"health": "true"})
+            problem = host.engine_problem()
+            if not problem:
+                return JSONResponse({"health": "true"})
+            return JSONResponse({"health": "false", "status": "unavailable", "reason": problem}, status_code=503,
+                                headers={"Retry-After": "5"})
         body: dict = {"health": "false", "status": st.state, "reason": host.not_ready_reason()}
         if st.state == "loading":
             body["progress"] = round(st.fraction, 3)

@@ -23,6 +23,7 @@ from backends import (
     Usage,
     create_backend,
 )
+from backends.base import ServiceUnavailable
 
 from .limiter import FairLimiter, LimiterClosed, QueueFull, Ticket
 from .metrics import Metrics
@@ -128,6 +129,8 @@ class ModelHost:
             return
         # The line admits exactly what the engine decodes at once: one queue, honest gauges.
         self.limiter.resize(max(1, backend.capacity))
+        self.metrics.bind_engine(info.backend, str(info.extra.get("endpoint", "")),
+                                 lambda: 0.0 if backend.unavailable() else 1.0)
         with self._lock:
             self._info = info
             self._progress = LoadProgress(1.0, "ready")
@@ -165,6 +168,13 @@ class ModelHost:
             return "The server is shutting down and starts no new generations."
         return ""
 
+    def engine_problem(self) -> str:
+        """Why the loaded engine cannot serve right now (a remote engine's upstream does not
+        answer), or "": /health is 503 with it and requests are refused, until it clears."""
+        with self._lock:
+            backend = self._backend if self._state == "ready" else None
+        return (backend.unavailable() or "") if backend is not None else ""
+
     # ---- generation ----------------------------------------------------------------------
     def generate(self, request: GenerationRequest, source: str) -> Iterator[Queued | StreamChunk]:
         """Admit ``request`` and return its stream: :class:`Queued` while it waits, then the
@@ -176,7 +186,13 @@ class ModelHost:
         """
         backend = self._require_ready(source)
         try:
+            problem = backend.unavailable()
+            if problem:
+                raise ServiceUnavailable(problem)
             backend.check(request)
+        except ServiceUnavailable as exc:
+            self.metrics.errors.labels(kind="not_ready").inc()
+            raise NotReady(str(exc)) from None
         except BackendError as exc:
             kind = "invalid_request" if isinstance(exc, RequestError) else "backend"
             self.metrics.errors.labels(kind=kind).inc()
@@ -211,6 +227,9 @@ class ModelHost:
                 yield chunk
         except GeneratorExit:
             raise
+        except ServiceUnavailable as exc:  # the engine went away before anything streamed: 503, retry
+            failure = str(exc)
+            raise NotReady(failure) from None
         except BackendError as exc:
             failure = str(exc)
             raise

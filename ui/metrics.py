@@ -51,12 +51,21 @@ class Metrics:
         self.running = Gauge("vibethinker_requests_running",
                              "Sequences the engine is decoding now (a request of n samples counts n).", registry=r)
         self.ready = Gauge("vibethinker_model_ready", "1 when the model is loaded and serving.", registry=r)
+        self.engine_up = Gauge(
+            "vibethinker_engine_up",
+            "1 while the loaded engine can serve, 0 while it cannot (the remote engine: its upstream does not "
+            "answer); labelled with the engine and, for the remote engine, the upstream's address.",
+            ["engine", "endpoint"], registry=r)
 
     def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]) -> None:
         """Read live values at scrape time instead of tracking them by hand."""
         self.queue_waiting.set_function(waiting)
         self.running.set_function(running)
         self.ready.set_function(ready)
+
+    def bind_engine(self, engine: str, endpoint: str, up: Callable[[], float]) -> None:
+        """The loaded engine's live state, read at scrape time."""
+        self.engine_up.labels(engine=engine, endpoint=endpoint).set_function(up)
 
     def record(self, source: str, usage: Usage, count_prompt: bool = True) -> None:
         """One finished sequence (a request of n samples records n, its prompt once)."""

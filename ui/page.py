@@ -129,6 +129,10 @@ def status_banner(lang: Lang, host: ModelHost) -> str:
         return t(lang, "draining")
     info = st.info
     assert info is not None
+    problem = host.engine_problem()
+    if problem:
+        return t(lang, "unavailable", model=host.manifest.model.id, backend=info.backend, device=info.device,
+                 reason=problem)
     return t(lang, "ready", model=host.manifest.model.id, backend=info.backend, device=info.device,
              dtype=info.dtype, context=info.context_length, reason=f" · {info.reason}" if info.reason else "")
 
@@ -289,7 +293,10 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
     def refresh_status(request: gr.Request) -> tuple[str, gr.Timer]:
         lang = _lang(manifest, request)
         st = host.status()
-        return status_banner(lang, host), gr.Timer(active=st.state == "loading")
+        # An engine with a live state (a remote upstream) keeps the banner current; others stop
+        # polling once loaded.
+        live = st.info is not None and bool(st.info.extra.get("endpoint"))
+        return status_banner(lang, host), gr.Timer(active=st.state == "loading" or (live and st.ready))
 
     def choose_preset(preset: str) -> Any:
         # "custom" keeps whatever is in the box.
@@ -353,7 +360,9 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
         system.input(edited_system, system, preset, queue=False, api_name=False)
         timer.tick(refresh_status, None, [status, timer], queue=False, api_name=False)
         demo.load(refresh_status, None, [status, timer], queue=False, api_name=False)
-    demo.queue(max_size=manifest.server.max_queue, default_concurrency_limit=manifest.server.concurrency)
+    # No limit of Gradio's own: the host's line (sized to the engine's capacity) is the one queue,
+    # and a page user waiting there sees its position.
+    demo.queue(max_size=manifest.server.max_queue, default_concurrency_limit=None)
     calm_queue(demo)
     return demo, i18n
 

@@ -90,6 +90,8 @@ RUNTIME: dict[Lang, dict[str, str]] = {
         "loading": "Loading the model… {pct}: {message}",
         "failed": "✖ The model failed to load: {error}\n\nFix the problem above and start again (`bash 1键推理.sh`).",
         "ready": "✔ Ready: **{model}** · {backend} · {device} · {dtype} · context {context}{reason}",
+        "unavailable": "⚠ **{model}** · {backend} · {device} cannot answer right now: {reason}\n\nNothing to "
+        "restart here: it is ready again as soon as the engine answers.",
         "draining": "■ The server is shutting down.",
         "queued": "Waiting in line: position {position}",
         "empty_question": "Type a question first.",
@@ -113,6 +115,7 @@ RUNTIME: dict[Lang, dict[str, str]] = {
         "loading": "正在加载模型… {pct}：{message}",
         "failed": "✖ 模型加载失败：{error}\n\n请按上面的提示修正后重新启动（`bash 1键推理.sh`）。",
         "ready": "✔ 已就绪：**{model}** · {backend} · {device} · {dtype} · 上下文 {context}{reason}",
+        "unavailable": "⚠ **{model}** · {backend} · {device} 暂时无法回答：{reason}\n\n无需重启：推理引擎恢复应答后即自动就绪。",
         "draining": "■ 服务正在关闭。",
         "queued": "排队中：第 {position} 位",
         "empty_question": "请先输入问题。",

@@ -110,6 +110,50 @@ class LlamaCppSettings(_Section):
         return value
 
 
+class RemoteSettings(_Section):
+    base_url: str = setting(
+        "", "backend: remote — the upstream's OpenAI-compatible root ending in /v1 (vLLM, SGLang, llama-server, "
+        "another vibethinker-app), e.g. http://127.0.0.1:8000/v1.")
+    api_key: str = setting("", "Bearer key the upstream expects; sent only to it, never shown, logged or served.")
+    model: str = setting("", "Model name at the upstream; empty = the first id its /v1/models lists.")
+    kind: Literal["auto", "vllm", "sglang", "llamacpp", "vibethinker", "openai"] = setting(
+        "auto", "What serves the upstream (how the thinking budget and sampling extras are passed): auto = from its "
+        "/v1/models; llamacpp = llama-server or llama-cpp-python's server; openai = standard fields only.")
+    chat_template: str = setting(
+        "", "The model's chat template, used to continue a reply whose thinking we closed (budget, loop): a .jinja "
+        "file, a tokenizer_config.json or a model folder; empty = model.path's when it is a local folder, else "
+        "the upstream's own (llama-server /apply-template).")
+    connect_timeout_s: float = setting(3.0, "Seconds to connect to the upstream (each try).", gt=0)
+    read_timeout_s: float = setting(
+        600.0, "Longest silence while a reply streams (a long prompt on a busy upstream) before it counts as failed.",
+        gt=0)
+    connect_retries: int = setting(
+        2, "Retries (after 0 s, 0.5 s, 1 s …) when connecting fails, before anything was sent.", ge=0, le=10)
+    max_concurrency: int = setting(
+        16, "Sequences sent to the upstream at once (users and samples together); more wait in our fair line.",
+        ge=1, le=256)
+    health_interval_s: float = setting(
+        2.0, "How often the upstream is checked while it answers (every second while it does not).", gt=0, le=60)
+    extra_body: dict[str, Any] = setting(
+        default_factory=dict, description="Extra fields merged into every upstream request "
+        "(e.g. {chat_template_kwargs: {...}}).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip().rstrip("/")
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// address such as http://127.0.0.1:8000/v1")
+        if parts.username or parts.password:
+            raise ValueError("must not carry a user or password: put the upstream's key in remote.api_key")
+        return value
+
+
 class LoopGuardSettings(_Section):
     enabled: bool = setting(True, "Cut repetition loops (a span repeated back to back).")
     max_period: int = setting(256, "Longest repeated span looked for, in tokens.", ge=1, le=4096)
@@ -164,6 +208,8 @@ class Manifest(_Section):
     model: ModelSettings = section(ModelSettings, "The model files.")
     transformers: TransformersSettings = section(TransformersSettings, "The transformers engine.")
     llamacpp: LlamaCppSettings = section(LlamaCppSettings, "The llama.cpp engine.")
+    remote: RemoteSettings = section(RemoteSettings, "The remote engine: an OpenAI-compatible upstream "
+                                     "(backend: remote).")
     generation: GenerationSettings = section(GenerationSettings, "Sampling defaults (requests may override them).")
     server: ServerSettings = section(ServerSettings, "The web page and API server.")
     install: InstallSettings = section(InstallSettings, "What 1键推理.sh installs.")
