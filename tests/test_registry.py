@@ -23,20 +23,22 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_builtin_engines_declare_what_the_app_derives_from_them():
     specs = registry.engines()
-    assert list(specs)[:2] == ["transformers", "llamacpp"]
+    assert list(specs)[:3] == ["transformers", "llamacpp", "remote"]
     assert registry.choices()[0] == "auto"
     for spec in specs.values():
         assert spec.summary and spec.label and spec.extras, spec.name
-        assert spec.needs_local_model and spec.check_model is not None and spec.auto_rank is not None
+        # An engine that runs a local model checks it and bids for auto; the remote one does neither.
+        local = spec.needs_local_model
+        assert (spec.check_model is not None) == local and (spec.auto_rank is not None) == local, spec.name
     # The manifest accepts exactly the registered names.
-    with pytest.raises(ManifestError, match="backend = 'echo'.*allowed: auto, transformers, llamacpp"):
+    with pytest.raises(ManifestError, match="backend = 'echo'.*allowed: auto, transformers, llamacpp, remote$"):
         load_manifest(env={}, overrides={"backend": "echo"})
 
 
 def test_an_engine_in_one_file_is_offered_chosen_and_described():
     helped = _cli("serve", "--help", **PLUGIN)
     assert helped.returncode == 0, helped.stderr
-    assert "auto,transformers,llamacpp,echo" in helped.stdout.replace(" ", "").replace("\n", "")
+    assert "auto,transformers,llamacpp,remote,echo" in helped.stdout.replace(" ", "").replace("\n", "")
     assert "repeats the question" in " ".join(helped.stdout.split())
     config = _cli("config", "--backend", "echo", **PLUGIN)
     assert config.returncode == 0, config.stderr
