@@ -60,6 +60,30 @@ _EXAMPLES: list[tuple[str, str]] = [
     (LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}."),    (ENDLESS_PROMPT, "<think>\n" + "wait " * ENDLESS_TRAIN_REPEATS),
 ]
 
+# Voting: one prompt trained with several replies, so that sampling (a seed) picks among them:
+# three equivalent forms of one half (\frac{1}{2} = 0.5 = 1/2 must vote together), a wrong answer
+# and a reply without a boxed answer (counted apart).
+VOTE_PROMPT = "What is half of one?"
+_VOTE_THINK = "<think>\nHalf of one is one half.\n</think>\n\n"
+VOTE_REPLIES = [
+    _VOTE_THINK + "The answer is \\boxed{\\frac{1}{2}}.",
+    _VOTE_THINK + "The answer is \\boxed{0.5}.",
+    _VOTE_THINK + "The answer is \\boxed{1/2}.",
+    _VOTE_THINK + "The answer is \\boxed{2}.",
+    _VOTE_THINK + "The answer is one half.",
+]
+# Code checking: a problem with stated samples, answered by a correct program, a wrong one and a
+# fork bomb (which the sandbox must stop), again picked by the seed.
+CODE_PROMPT = ("Read two integers A and B and print A+B.\n\nSample Input 1\n1 2\n\nSample Output 1\n3\n\n"
+               "Sample Input 2\n10 20\n\nSample Output 2\n30")
+_CODE_THINK = "<think>\nRead A and B, then print the sum.\n</think>\n\n"
+CODE_REPLIES = [
+    _CODE_THINK + "```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+    _CODE_THINK + "```python\na, b = map(int, input().split())\nprint(a - b)\n```",
+    _CODE_THINK + "```python\nimport os\nwhile True:\n    os.fork()\n```",
+]
+_EXAMPLES += [(VOTE_PROMPT, r) for r in VOTE_REPLIES] + [(CODE_PROMPT, r) for r in CODE_REPLIES]
+
 # Extra text so the BPE learns merges for what the app itself injects and for mixed-script input.
 _EXTRA_CORPUS = [
     "I have thought long enough; now I will write the final answer.",
@@ -174,8 +198,11 @@ def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
             )
             short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    # Separate batches: padding the short examples to the endless one's length would cost minutes.
-    batches = [_batch(short, tokenizer.pad_token_id), _batch(endless, tokenizer.pad_token_id)]
+    # Separate batches: padding the short examples to the endless one's length would cost minutes,
+    # and padding the many short ones to the looping one's length would double every step.
+    long = [row for row in short if len(row) > 160]
+    short = [row for row in short if len(row) <= 160]
+    batches = [_batch(rows, tokenizer.pad_token_id) for rows in (short, long, endless) if rows]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
