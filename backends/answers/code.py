@@ -78,10 +78,10 @@ def has_code_block(answer: str) -> bool:
 # -- examples in a problem statement -------------------------------------------------------------
 
 _DECOR = " \t#*_>`"
-_IN = re.compile(r"(?:(?:sample|example)\s*input|input\s*(?:sample|example)|样例输入|输入样例|输入示例|示例输入|入力例)"
-                 r"\s*#?\s*(\d*)")
-_OUT = re.compile(r"(?:(?:sample|example)\s*output|output\s*(?:sample|example)|样例输出|输出样例|输出示例|示例输出|出力例)"
-                  r"\s*#?\s*(\d*)")
+_IN = re.compile(r"(?:(?:sample|example)\s*input|input\s*(?:sample|example)"
+                 r"|样例输入|输入样例|输入示例|示例输入|入力例)\s*#?\s*(\d*)")
+_OUT = re.compile(r"(?:(?:sample|example)\s*output|output\s*(?:sample|example)"
+                  r"|样例输出|输出样例|输出示例|示例输出|出力例)\s*#?\s*(\d*)")
 _SECTION = re.compile(r"(?:examples?|samples?|样例|示例|入出力例)\s*#?\s*(\d*)")
 _BARE_IN = re.compile(r"input\s*(\d*)")
 _BARE_OUT = re.compile(r"output\s*(\d*)")

@@ -83,6 +83,12 @@ class Limits:
     tmpfs_mb: int = 64
     source_kb: int = 64
 
+    @classmethod
+    def from_settings(cls, solve: Any) -> Limits:
+        """From the manifest's ``solve`` section."""
+        return cls(cpu_s=solve.cpu_time_s, wall_s=solve.wall_time_s, memory_mb=solve.memory_mb,
+                   output_kb=solve.output_kb, max_processes=solve.max_processes)
+
     def describe(self) -> str:
         return (f"CPU {self.cpu_s:g} s, wall {self.wall_s:g} s, memory {self.memory_mb} MiB, "
                 f"output {self.output_kb} KiB, {self.max_processes} processes")
@@ -252,6 +258,11 @@ class Sandbox:
         self._probe_lock = threading.Lock()
         self._isolation: Isolation | None = None
         self._root = os.geteuid() == 0
+
+    @classmethod
+    def from_settings(cls, solve: Any) -> Sandbox:
+        """From the manifest's ``solve`` section (limits, ``sandbox`` mode, ``parallel_runs``)."""
+        return cls(Limits.from_settings(solve), mode=solve.sandbox, parallel=solve.parallel_runs)
 
     # -- which isolation ----------------------------------------------------------------------
     @property
@@ -454,7 +465,8 @@ def _judge_exit(code: int, timed_out: bool, wall: float, cpu: float, out: Path, 
     setup_failed = [e for e in events if e.get("event") == "setup_failed"]
     out_size = (out / "stdout").stat().st_size
     if setup_failed:
-        ex.outcome, ex.message = Outcome.SANDBOX_ERROR, f"the sandbox could not be set up: {setup_failed[-1].get('message')}"
+        why = setup_failed[-1].get("message")
+        ex.outcome, ex.message = Outcome.SANDBOX_ERROR, f"the sandbox could not be set up: {why}"
     elif "setup" not in kinds and code != 0 and not timed_out:
         tail = stderr.strip().splitlines()
         ex.outcome, ex.message = Outcome.SANDBOX_ERROR, f"the sandbox failed to start: {tail[-1] if tail else code}"
