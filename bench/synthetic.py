@@ -72,8 +72,14 @@ VOTE_REPLIES = [
     _VOTE_THINK + "The answer is \\boxed{2}.",
     _VOTE_THINK + "The answer is one half.",
 ]
-# Code checking: a problem with stated samples, answered by a correct program, a wrong one and a
-# fork bomb (which the sandbox must stop), again picked by the seed.
+# Code checking: a problem with stated samples, asked with the page's Competitive programming
+# system prompt (ui.strings.CODE_SYSTEM_PROMPT, copied here so that bench needs no Gradio),
+# answered by a correct program, a wrong one and a fork bomb (which the sandbox must stop), again
+# picked by the seed.
+CODE_SYSTEM_PROMPT = (
+    "You are an expert competitive programmer. Reason step by step about the algorithm and its "
+    "complexity, then give one complete, efficient solution in a single fenced code block."
+)
 CODE_PROMPT = ("Read two integers A and B and print A+B.\n\nSample Input 1\n1 2\n\nSample Output 1\n3\n\n"
                "Sample Input 2\n10 20\n\nSample Output 2\n30")
 _CODE_THINK = "<think>\nRead A and B, then print the sum.\n</think>\n\n"
@@ -82,7 +88,9 @@ CODE_REPLIES = [
     _CODE_THINK + "```python\na, b = map(int, input().split())\nprint(a - b)\n```",
     _CODE_THINK + "```python\nimport os\nwhile True:\n    os.fork()\n```",
 ]
-_EXAMPLES += [(VOTE_PROMPT, r) for r in VOTE_REPLIES] + [(CODE_PROMPT, r) for r in CODE_REPLIES]
+_EXAMPLES += [(VOTE_PROMPT, r) for r in VOTE_REPLIES]
+# (system prompt, prompt, reply)
+_SYSTEM_EXAMPLES: list[tuple[str, str, str]] = [(CODE_SYSTEM_PROMPT, CODE_PROMPT, r) for r in CODE_REPLIES]
 
 # Extra text so the BPE learns merges for what the app itself injects and for mixed-script input.
 _EXTRA_CORPUS = [
@@ -130,7 +138,7 @@ def build_tokenizer(vocab_size: int = 700):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [p for pair in _EXAMPLES for p in pair] + _EXTRA_CORPUS
+    corpus = [p for pair in _EXAMPLES for p in pair] + [p for ex in _SYSTEM_EXAMPLES for p in ex] + _EXTRA_CORPUS
     tok.train_from_iterator(corpus * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -198,6 +206,11 @@ def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
             )
             short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for system, prompt, reply in _SYSTEM_EXAMPLES:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+             {"role": "assistant", "content": reply}], tokenize=False)
+        short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     # Separate batches: padding the short examples to the endless one's length would cost minutes,
     # and padding the many short ones to the looping one's length would double every step.
     long = [row for row in short if len(row) > 160]

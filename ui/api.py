@@ -202,6 +202,7 @@ def _usage_out(usages: list[Usage]) -> UsageOut:
 def _extras(usage: Usage, boxed: str | None, report: CheckReport | None = None) -> Extras:
     return Extras(finish_reason=usage.finish_reason.value, detail=usage.detail, boxed_answer=boxed,
                   time_to_first_token_s=usage.time_to_first_token_s, decode_tokens_per_s=usage.decode_tokens_per_s,
+                  reasoning_tokens=usage.reasoning_tokens, answer_tokens=usage.answer_tokens,
                   code_check=_code_check(report))
 
 

@@ -135,6 +135,7 @@ class ConsensusOut(_Out):
     tie: bool
     best_index: int | None = Field(description="A choice of the winning group (code: a passing program).")
     equivalence: str = Field(description="math-verify | text (math-verify unavailable) | tests (code)")
+    examples: int | None = Field(default=None, description="Code: the examples each program ran on.")
     notes: list[str] = Field(description="Fallbacks and ties, e.g. an answer compared as text.")
 
 
@@ -150,6 +151,8 @@ class Extras(_Out):
     boxed_answer: str | None = None
     time_to_first_token_s: float | None = None
     decode_tokens_per_s: float | None = None
+    reasoning_tokens: int | None = Field(default=None, exclude_if=_absent, description="This choice's thinking.")
+    answer_tokens: int | None = Field(default=None, exclude_if=_absent, description="This choice's answer.")
     code_check: CodeCheck | None = Field(default=None, exclude_if=_absent,
                                          description="With check_code: the program's verdict on each example.")
 

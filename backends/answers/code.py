@@ -488,6 +488,7 @@ def code_tally(reports: Mapping[int, CheckReport | None], finish: Mapping[int, s
             by_score[key] = Group(answer=label, votes=0, indexes=[], method="text")
         by_score[key].votes += 1
         by_score[key].indexes.append(index)
+        out.examples = max(out.examples or 0, report.total)
     out.groups = sorted(by_score.values(), key=lambda g: (-_score(g.answer, by_score), g.indexes[0]))
     passing = [g for (p, t), g in by_score.items() if t and p == t]
     if passing:

@@ -76,6 +76,7 @@ class Consensus:
     equivalence: str = "math-verify"  # or "text" when math-verify is not available
     best_index: int | None = None  # a sample of the winning group (code: a passing program)
     tie: bool = False
+    examples: int | None = None  # code: how many examples each program ran on
 
     @property
     def done(self) -> bool:
@@ -87,7 +88,7 @@ class Consensus:
             "groups": [g.to_dict() for g in self.groups], "no_answer": list(self.no_answer),
             "cut_off": list(self.cut_off), "failed": list(self.failed), "pending": list(self.pending),
             "tie": self.tie, "best_index": self.best_index, "equivalence": self.equivalence,
-            "notes": list(self.notes),
+            "examples": self.examples, "notes": list(self.notes),
         }
 
 
