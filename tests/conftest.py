@@ -60,6 +60,6 @@ def trust_server(tiny_model_dir):
 
     with ServerProcess(["--backend", "transformers", "--model", str(tiny_model_dir),
                         "--set", "solve.run_code=true", "--set", "solve.cpu_time_s=1",
-                        "--set", "solve.wall_time_s=5", "--set", "generation.temperature=1.0",
+                        "--set", "solve.wall_time_s=10", "--set", "generation.temperature=1.0",
                         "--set", "generation.seed=0", "--set", "generation.max_new_tokens=300"]) as srv:
         yield srv

@@ -235,7 +235,7 @@ def test_user_tests_and_output_comparison():
 
 @pytest.fixture(scope="module")
 def sandbox():
-    return Sandbox(Limits(cpu_s=1, wall_s=4, memory_mb=256, output_kb=64, max_processes=8))
+    return Sandbox(Limits(cpu_s=1, wall_s=10, memory_mb=256, output_kb=64, max_processes=8))
 
 
 def test_correct_and_wrong_programs(sandbox):
@@ -260,7 +260,7 @@ def _modes() -> list[str]:
 
 @pytest.fixture(scope="module", params=_modes())
 def hostile_box(request):
-    box = Sandbox(Limits(cpu_s=1, wall_s=2.5, memory_mb=256, output_kb=64, max_processes=8), mode=request.param)
+    box = Sandbox(Limits(cpu_s=1, wall_s=3, memory_mb=256, output_kb=64, max_processes=8), mode=request.param)
     try:
         box.isolation
     except SandboxUnavailable as exc:
@@ -340,3 +340,10 @@ def test_code_vote_counts_passing_programs(sandbox):
     assert [(g.answer, g.indexes) for g in c.groups] == [("passes all 2 examples", [0, 3]),
                                                           ("passes 1 of 2 examples", [1])]
     assert c.no_answer == [2] and c.cut_off == [4]
+
+
+def test_the_tiny_model_learns_the_page_code_prompt():
+    from bench.synthetic import CODE_SYSTEM_PROMPT
+    from ui.strings import CODE_SYSTEM_PROMPT as PAGE_PROMPT
+
+    assert CODE_SYSTEM_PROMPT == PAGE_PROMPT

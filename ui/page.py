@@ -266,11 +266,15 @@ class _Sample:
         return self.usage.finish_reason.value if self.usage is not None else None
 
 
-def sample_message(lang: Lang, index: int, s: _Sample, check: str | None, final: bool) -> gr.ChatMessage:
-    """One sample, collapsible: its reasoning, its answer and (code) its verdicts."""
+def sample_message(lang: Lang, index: int, s: _Sample, check: str | None, final: bool,
+                   label: str | None = None) -> gr.ChatMessage:
+    """One sample, collapsible: its reasoning, its answer and (code) its verdicts; ``label`` is
+    what the title says of a finished sample instead of its boxed answer (code problems)."""
     done = s.usage is not None
     if not done:
         state = t(lang, "sample_answering" if s.answer else "sample_running")
+    elif label is not None:
+        state = label
     elif s.boxed:
         state = s.boxed
     else:
@@ -502,12 +506,24 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
                 return None
             return check_markdown(lang, reports.get(i), len(examples), None)
 
+        def label_of(i: int) -> str | None:
+            """Code problems: the program's score in the sample's title."""
+            if not coding() or states[i].usage is None:
+                return None
+            report = reports.get(i)
+            if report is None:
+                return t(lang, "checking", n=len(examples)) if i in futures else t(lang, "sample_no_program")
+            if not report.program_found:
+                return t(lang, "sample_no_program")
+            mark = "✔" if report.total and report.passed == report.total else "✘"
+            return f"{mark} {t(lang, 'check_title', passed=report.passed, total=report.total)}"
+
         def view(final: bool = False) -> list:
             msgs = list(base)
             if consensus is not None:
                 shown_iso = iso if consensus.kind == "code" else None
                 msgs.append(gr.ChatMessage(role="assistant", content=tally_markdown(lang, consensus, shown_iso)))
-            msgs += [sample_message(lang, i, s, check_of(i, final), final) for i, s in enumerate(states)]
+            msgs += [sample_message(lang, i, s, check_of(i, final), final, label_of(i)) for i, s in enumerate(states)]
             return msgs
 
         def submit_check(i: int) -> None:

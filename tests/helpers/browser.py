@@ -38,8 +38,11 @@ def shoot(browser, url: str, out: Path, question: str = "What is 2+2?", locale: 
         page.click("#vt-submit")
         if samples > 1:
             page.wait_for_selector("#vt-stats :text('samples')", timeout=timeout_ms)
-            # Open one sample so the picture shows its thinking and answer.
+            # Open one sample so the picture shows its thinking and answer, with the tally in view.
             page.locator("#vt-chat").get_by_text("Sample 1").first.click()
+            page.wait_for_timeout(500)
+            page.evaluate("() => document.querySelectorAll('#vt-chat *').forEach(e => {"
+                          " if (e.scrollHeight > e.clientHeight) e.scrollTop = 0; })")
         else:
             page.wait_for_selector("#vt-chat .vt-final", timeout=timeout_ms)
             # Open the collapsed thinking section so the picture shows both parts.
