@@ -193,7 +193,9 @@ def _batch(rows: list[list[int]], pad: int):
 def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
     import torch
 
-    short, endless = [], []
+    # The original examples train as one batch, as they always have (the loop guard's "answer after
+    # the thinking is closed" relies on it); the voting and code examples are a batch of their own.
+    short, endless, extra = [], [], []
     for prompt, reply in _EXAMPLES:
         if prompt == ENDLESS_PROMPT:
             # No <|im_end|> after it, so the model never learns where the repetition would stop.
@@ -205,17 +207,14 @@ def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
             )
-            short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            (extra if prompt == VOTE_PROMPT else short).append(tokenizer(text, add_special_tokens=False)["input_ids"])
     for system, prompt, reply in _SYSTEM_EXAMPLES:
         text = tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": prompt},
              {"role": "assistant", "content": reply}], tokenize=False)
-        short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    # Separate batches: padding the short examples to the endless one's length would cost minutes,
-    # and padding the many short ones to the looping one's length would double every step.
-    long = [row for row in short if len(row) > 160]
-    short = [row for row in short if len(row) <= 160]
-    batches = [_batch(rows, tokenizer.pad_token_id) for rows in (short, long, endless) if rows]
+        extra.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Separate batches: padding the short examples to the endless one's length would cost minutes.
+    batches = [_batch(rows, tokenizer.pad_token_id) for rows in (short, extra, endless) if rows]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
