@@ -60,6 +60,38 @@ _EXAMPLES: list[tuple[str, str]] = [
     (LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}."),    (ENDLESS_PROMPT, "<think>\n" + "wait " * ENDLESS_TRAIN_REPEATS),
 ]
 
+# Voting: one prompt trained with several replies, so that sampling (a seed) picks among them:
+# three equivalent forms of one half (\frac{1}{2} = 0.5 = 1/2 must vote together), a wrong answer
+# and a reply without a boxed answer (counted apart).
+VOTE_PROMPT = "What is half of one?"
+_VOTE_THINK = "<think>\nHalf of one is one half.\n</think>\n\n"
+VOTE_REPLIES = [
+    _VOTE_THINK + "The answer is \\boxed{\\frac{1}{2}}.",
+    _VOTE_THINK + "The answer is \\boxed{0.5}.",
+    _VOTE_THINK + "The answer is \\boxed{1/2}.",
+    _VOTE_THINK + "The answer is \\boxed{2}.",
+    _VOTE_THINK + "The answer is one half.",
+]
+# Code checking: a problem with stated samples, asked with the page's Competitive programming
+# system prompt (ui.strings.CODE_SYSTEM_PROMPT, copied here so that bench needs no Gradio),
+# answered by a correct program, a wrong one and a fork bomb (which the sandbox must stop), again
+# picked by the seed.
+CODE_SYSTEM_PROMPT = (
+    "You are an expert competitive programmer. Reason step by step about the algorithm and its "
+    "complexity, then give one complete, efficient solution in a single fenced code block."
+)
+CODE_PROMPT = ("Read two integers A and B and print A+B.\n\nSample Input 1\n1 2\n\nSample Output 1\n3\n\n"
+               "Sample Input 2\n10 20\n\nSample Output 2\n30")
+_CODE_THINK = "<think>\nRead A and B, then print the sum.\n</think>\n\n"
+CODE_REPLIES = [
+    _CODE_THINK + "```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+    _CODE_THINK + "```python\na, b = map(int, input().split())\nprint(a - b)\n```",
+    _CODE_THINK + "```python\nimport os\nwhile True:\n    os.fork()\n```",
+]
+_EXAMPLES += [(VOTE_PROMPT, r) for r in VOTE_REPLIES]
+# (system prompt, prompt, reply)
+_SYSTEM_EXAMPLES: list[tuple[str, str, str]] = [(CODE_SYSTEM_PROMPT, CODE_PROMPT, r) for r in CODE_REPLIES]
+
 # Extra text so the BPE learns merges for what the app itself injects and for mixed-script input.
 _EXTRA_CORPUS = [
     "I have thought long enough; now I will write the final answer.",
@@ -106,7 +138,7 @@ def build_tokenizer(vocab_size: int = 700):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [p for pair in _EXAMPLES for p in pair] + _EXTRA_CORPUS
+    corpus = [p for pair in _EXAMPLES for p in pair] + [p for ex in _SYSTEM_EXAMPLES for p in ex] + _EXTRA_CORPUS
     tok.train_from_iterator(corpus * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -161,7 +193,9 @@ def _batch(rows: list[list[int]], pad: int):
 def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
     import torch
 
-    short, endless = [], []
+    # The original examples train as one batch, as they always have (the loop guard's "answer after
+    # the thinking is closed" relies on it); the voting and code examples are a batch of their own.
+    short, endless, extra = [], [], []
     for prompt, reply in _EXAMPLES:
         if prompt == ENDLESS_PROMPT:
             # No <|im_end|> after it, so the model never learns where the repetition would stop.
@@ -173,9 +207,14 @@ def _train(model, tokenizer, steps: int, progress: Progress | None) -> None:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
             )
-            short.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            (extra if prompt == VOTE_PROMPT else short).append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for system, prompt, reply in _SYSTEM_EXAMPLES:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+             {"role": "assistant", "content": reply}], tokenize=False)
+        extra.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     # Separate batches: padding the short examples to the endless one's length would cost minutes.
-    batches = [_batch(short, tokenizer.pad_token_id), _batch(endless, tokenizer.pad_token_id)]
+    batches = [_batch(rows, tokenizer.pad_token_id) for rows in (short, extra, endless) if rows]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):

@@ -50,3 +50,16 @@ def _free_port() -> int:
 @pytest.fixture
 def free_port() -> int:
     return _free_port()
+
+
+@pytest.fixture(scope="session")
+def trust_server(tiny_model_dir):
+    """A server with code checking on, sampling at temperature 1 with seed 0 (sample i: seed i), so
+    that the tiny model's vote and code prompts give several different, reproducible answers."""
+    from helpers.server import ServerProcess
+
+    with ServerProcess(["--backend", "transformers", "--model", str(tiny_model_dir),
+                        "--set", "solve.run_code=true", "--set", "solve.cpu_time_s=1",
+                        "--set", "solve.wall_time_s=10", "--set", "generation.temperature=1.0",
+                        "--set", "generation.seed=0", "--set", "generation.max_new_tokens=300"]) as srv:
+        yield srv

@@ -231,3 +231,12 @@ def test_llamacpp_backend_through_the_api(tiny_gguf):
                                            messages=[{"role": "user", "content": "wait " * 3000}])
         assert err.value.body["code"] == "context_length_exceeded"
         assert "2048" in err.value.body["message"]
+
+
+def test_check_code_is_refused_while_solve_run_code_is_off(server):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"model": MODEL, "messages": ADD, "check_code": True})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "code_checking_disabled" and error["param"] == "check_code"
+    assert "solve.run_code" in error["message"]

@@ -250,3 +250,70 @@ def test_screenshot_script(browser, server, tmp_path):
 
     out = shoot(browser, server.url + "/", tmp_path / "shot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+# -- voting and code checks (a server with solve.run_code on, sampling at temperature 1) ----------
+
+VOTE_WATCH = """() => {
+  window.vtTallies = [];
+  const seen = () => document.querySelectorAll('#vt-chat .vt-vote').forEach(e => {
+    const text = e.innerText.trim();
+    if (text && window.vtTallies[window.vtTallies.length - 1] !== text) window.vtTallies.push(text);
+  });
+  new MutationObserver(seen).observe(document.querySelector('#vt-chat'),
+                                     {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_voting_view_tallies_live(browser, trust_server):
+    import re
+
+    from bench.synthetic import VOTE_PROMPT
+    from helpers.browser import set_samples
+
+    page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(trust_server.url + "/")
+        _wait_text(page, "#vt-status", "Ready")
+        set_samples(page, 8)
+        page.evaluate(VOTE_WATCH)
+        _ask(page, VOTE_PROMPT)
+        _wait_text(page, "#vt-stats", "8 samples")
+        tally = page.inner_text("#vt-chat .vt-vote")
+        m = re.search(r"(\d+) of 8 samples agree", tally)
+        assert m, tally
+        assert page.locator("#vt-chat .vt-vote .katex").count() == 1  # the winner, rendered
+        # The tally was live: it counted finished samples while others still ran.
+        seen = page.evaluate("window.vtTallies")
+        assert len(seen) >= 3 and any("So far" in s for s in seen), seen
+        titles = [page.locator(f"#vt-chat :text('Sample {i} ·')").first.inner_text() for i in range(1, 9)]
+        halves = [t for t in titles if re.search(r"· (\\frac\{1\}\{2\}|0\.5|1/2) ·", t)]
+        assert int(m.group(1)) == len(halves) >= 2, titles  # 1/2, 0.5 and \frac{1}{2} voted together
+        if len(halves) < 8:  # the rest: other answers with their counts, or counted apart
+            chat = page.inner_text("#vt-chat")
+            assert "Not counted" in chat or "Other answers" in chat, chat
+    finally:
+        page.close()
+
+
+def test_code_checks_in_the_page(browser, trust_server):
+    from bench.synthetic import CODE_PROMPT
+    from helpers.browser import set_samples
+
+    page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(trust_server.url + "/")
+        _wait_text(page, "#vt-status", "Ready")
+        page.locator("#vt-preset").get_by_text("Competitive programming").click()
+        set_samples(page, 3)
+        _ask(page, CODE_PROMPT)
+        _wait_text(page, "#vt-stats", "3 samples")
+        page.wait_for_function("() => !document.querySelector('#vt-chat').innerText.includes('Running the program')",
+                               timeout=TIMEOUT_MS)
+        tally = page.inner_text("#vt-chat .vt-vote")
+        assert "programs pass all 2 examples" in tally or "No program passes all 2 examples" in tally, tally
+        assert "Isolation:" in page.inner_text("#vt-chat")
+        page.locator("#vt-chat").get_by_text("Sample 1").first.click()
+        _wait_text(page, "#vt-chat", "Examples:")
+    finally:
+        page.close()

@@ -36,6 +36,9 @@ from backends import (
     to_sampling_params,
 )
 
+from backends.answers import CheckReport, SampleAnswer, SandboxUnavailable
+from backends.answers.code import examples_from_tests
+
 from .host import ModelHost, NotReady, QueueFull, Queued
 from .messages import strip_thinking
 from .openai_models import (
@@ -44,7 +47,9 @@ from .openai_models import (
     ChatCompletionRequest,
     Choice,
     ChunkChoice,
+    CodeCheck,
     CompletionTokensDetails,
+    ConsensusOut,
     Delta,
     ErrorResponse,
     Extras,
@@ -56,6 +61,7 @@ from .openai_models import (
     UsageOut,
 )
 from .pump import Pump
+from .trust import Trust, trust_for
 
 log = logging.getLogger("ui.api")
 
@@ -193,9 +199,19 @@ def _usage_out(usages: list[Usage]) -> UsageOut:
                         reasoning_tokens=sum(u.reasoning_tokens for u in usages)))
 
 
-def _extras(usage: Usage, boxed: str | None) -> Extras:
+def _extras(usage: Usage, boxed: str | None, report: CheckReport | None = None) -> Extras:
     return Extras(finish_reason=usage.finish_reason.value, detail=usage.detail, boxed_answer=boxed,
-                  time_to_first_token_s=usage.time_to_first_token_s, decode_tokens_per_s=usage.decode_tokens_per_s)
+                  time_to_first_token_s=usage.time_to_first_token_s, decode_tokens_per_s=usage.decode_tokens_per_s,
+                  reasoning_tokens=usage.reasoning_tokens, answer_tokens=usage.answer_tokens,
+                  code_check=_code_check(report))
+
+
+def _code_check(report: CheckReport | None) -> CodeCheck | None:
+    if report is None:
+        return None
+    data = report.to_dict()
+    data["isolation"] = data["isolation"] or None
+    return CodeCheck.model_validate(data)
 
 
 @dataclasses.dataclass
@@ -268,7 +284,11 @@ def build_router(host: ModelHost) -> APIRouter:
         if body.thinking_budget is not None:
             # 0 = unlimited, as in manifest.yaml.
             params = dataclasses.replace(params, thinking_budget=body.thinking_budget or None)
+        trust = trust_for(manifest)
+        checks = await _code_checks(body, messages, trust)
         req = GenerationRequest(messages=messages, params=params, n=body.n or 1)
+        if req.n > 1 and checks is None:
+            trust.warm()  # math-verify's worker imports while the model thinks
         try:
             # Refusals (not ready, too long, queue full) come back at once, before any waiting;
             # the prompt is tokenized here, off the event loop.
@@ -282,7 +302,7 @@ def build_router(host: ModelHost) -> APIRouter:
                 pump.stop()
                 host.cancel(req.request_id)
 
-        reply = _Reply(f"chatcmpl-{req.request_id}", int(time.time()), body.model, req.n)
+        reply = _Reply(f"chatcmpl-{req.request_id}", int(time.time()), body.model, req.n, checks, trust)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(_sse(pump, reply, include_usage, cancel), ping=PING_S, sep="\n",
@@ -293,11 +313,64 @@ def build_router(host: ModelHost) -> APIRouter:
 
 
 @dataclasses.dataclass
+class _Checks:
+    """check_code of one request: where the examples came from and who runs them."""
+
+    trust: Trust
+    examples: list
+
+    def run(self, answer: str) -> CheckReport:
+        return self.trust.check(answer, self.examples)
+
+
+async def _code_checks(body: ChatCompletionRequest, messages: tuple[ChatMessage, ...], trust: Trust) -> _Checks | None:
+    """The request's opt-in code check (extras check_code, tests), refused clearly when it cannot run."""
+    if not body.check_code:
+        if body.tests:
+            raise ApiError(400, "'tests' are only used with check_code: true; add it, or remove 'tests'.",
+                           "invalid_request_error", param="tests")
+        return None
+    if not trust.run_code:
+        raise ApiError(400, "Code checking is off on this server: its owner can turn it on with solve.run_code: true "
+                       "in manifest.yaml (or VT_RUN_CODE=true). Remove check_code to get the answer without running "
+                       "it.", "invalid_request_error", code="code_checking_disabled", param="check_code")
+    try:
+        await run_in_threadpool(trust.sandbox)
+    except SandboxUnavailable as exc:
+        raise ApiError(503, str(exc), "server_error", code="sandbox_unavailable") from None
+    problem = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    try:
+        extra = examples_from_tests([t.model_dump() for t in body.tests or []])
+    except ValueError as exc:
+        raise ApiError(400, f"tests: {exc}", "invalid_request_error", param="tests") from None
+    return _Checks(trust, trust.examples(problem, extra))
+
+
+def _sample_answers(samples: list[_Sample]) -> list[SampleAnswer]:
+    return [SampleAnswer(i, "".join(s.answer), s.usage.finish_reason.value if s.usage else FinishReason.CANCELLED.value)
+            for i, s in enumerate(samples)]
+
+
+def _consensus(samples: list[_Sample], reports: dict[int, CheckReport], checks: _Checks | None,
+               trust: Trust) -> ConsensusOut:
+    """The vote over the samples: their boxed answers, or (check_code) their passing programs."""
+    answers = _sample_answers(samples)
+    if checks is not None:
+        finish = {a.index: a.finish_reason for a in answers}
+        consensus = trust.code_vote(dict(reports), finish, len(samples))
+    else:
+        consensus = trust.vote(answers, len(samples))
+    return ConsensusOut.model_validate(consensus.to_dict())
+
+
+@dataclasses.dataclass
 class _Reply:
     id: str
     created: int
     model: str
     n: int
+    checks: _Checks | None = None
+    trust: Trust | None = None
 
     def chunk(self, choices: list[ChunkChoice], **extra: Any) -> str:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -306,6 +379,8 @@ class _Reply:
 
 async def _sse(pump: Pump, reply: _Reply, include_usage: bool, cancel: Callable[[], None]) -> AsyncIterator[Any]:
     samples = [_Sample() for _ in range(reply.n)]
+    reports: dict[int, CheckReport] = {}
+    finished = False
     try:
         for index in range(reply.n):
             yield reply.chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
@@ -313,6 +388,7 @@ async def _sse(pump: Pump, reply: _Reply, include_usage: bool, cancel: Callable[
             try:
                 item = await pump.get()
             except StopAsyncIteration:
+                finished = True
                 break
             except Exception as exc:  # after the 200 went out: the error travels as the last event
                 log.warning("stream %s failed: %s", reply.id, exc)
@@ -332,11 +408,18 @@ async def _sse(pump: Pump, reply: _Reply, include_usage: bool, cancel: Callable[
                 yield reply.chunk([ChunkChoice(index=item.index, delta=Delta(content=item.answer))])
             if item.usage is not None:
                 finish = _openai_finish(item.usage, "".join(sample.answer))
+                report = None
+                if reply.checks is not None:
+                    report = reports[item.index] = await run_in_threadpool(reply.checks.run, "".join(sample.answer))
                 yield reply.chunk([ChunkChoice(index=item.index, delta=Delta(), finish_reason=finish)],
-                                  vibethinker=_extras(item.usage, item.boxed_answer))
+                                  vibethinker=_extras(item.usage, item.boxed_answer, report))
         if include_usage:
             usages = [s.usage for s in samples if s.usage is not None]
             yield reply.chunk([], usage=_usage_out(usages))
+        if reply.n > 1 and finished and reply.trust is not None:
+            # The vote, as the last event before [DONE] (a chunk without choices, like the usage one).
+            consensus = await run_in_threadpool(_consensus, samples, reports, reply.checks, reply.trust)
+            yield reply.chunk([], consensus=consensus)
         yield "[DONE]"
     finally:
         cancel()
@@ -370,13 +453,21 @@ async def _complete(request: Request, pump: Pump, reply: _Reply, cancel: Callabl
         cancel()
     if gone.is_set():
         return JSONResponse({}, status_code=499)  # nobody is listening; for the access log only
+    reports: dict[int, CheckReport] = {}
+    if reply.checks is not None:
+        runs = [run_in_threadpool(reply.checks.run, "".join(s.answer)) for s in samples]
+        reports = dict(enumerate(await asyncio.gather(*runs)))  # the sandbox admits parallel_runs at once
     choices = []
     for index, sample in enumerate(samples):
         usage = sample.usage or Usage(finish_reason=FinishReason.CANCELLED)
         text, thought = "".join(sample.answer), "".join(sample.reasoning)
         choices.append(Choice(index=index, message=MessageOut(content=text, reasoning_content=thought,
                                                               reasoning=thought),
-                              finish_reason=_openai_finish(usage, text), vibethinker=_extras(usage, sample.boxed)))
+                              finish_reason=_openai_finish(usage, text),
+                              vibethinker=_extras(usage, sample.boxed, reports.get(index))))
     usages = [s.usage or Usage(finish_reason=FinishReason.CANCELLED) for s in samples]
+    consensus = None
+    if reply.n > 1 and reply.trust is not None:
+        consensus = await run_in_threadpool(_consensus, samples, reports, reply.checks, reply.trust)
     return ChatCompletion(id=reply.id, created=reply.created, model=reply.model, choices=choices,
-                          usage=_usage_out(usages), vibethinker=choices[0].vibethinker)
+                          usage=_usage_out(usages), vibethinker=choices[0].vibethinker, consensus=consensus)

@@ -6,15 +6,20 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import gradio as gr
 
 from backends import BackendError, FinishReason, GenerationRequest, Manifest, StreamChunk, Usage, to_sampling_params
+from backends.answers import CheckReport, Consensus, Isolation, SampleAnswer, SandboxUnavailable, extract_program
+from backends.answers.code import parse_test_text
+from backends.types import MAX_SAMPLES
 
 from .host import ModelHost, NotReady, QueueFull, Queued
 from .messages import build_messages, mostly_chinese
-from .strings import CODE_SYSTEM_PROMPT, EXAMPLES, Lang, make_i18n, pick_language, t
+from .strings import CODE_SYSTEM_PROMPT, EXAMPLES, RUNTIME, Lang, make_i18n, pick_language, t
+from .trust import trust_for
 
 log = logging.getLogger("ui.page")
 
@@ -153,6 +158,167 @@ def _seed(value: Any) -> int | None:
     return int(value)
 
 
+# -- voting and code checks (k > 1, solve.run_code) -----------------------------------------------
+
+VOTE_TAIL_CHARS = 1500  # while a sample thinks, the tail shown per sample (k of them stream together)
+
+
+def _math(answer: str) -> str:
+    """An answer as inline maths for the chat's KaTeX (\\(…\\))."""
+    return f"\\({answer}\\)" if answer else "-"
+
+
+def isolation_line(lang: Lang, iso: Isolation) -> str:
+    limits = iso.limits.describe()
+    if iso.kind == "bubblewrap":
+        return t(lang, "isolation_bubblewrap", limits=limits)
+    details = [t(lang, "isolation_net")] if iso.network else []
+    if iso.own_user:
+        details.append(t(lang, "isolation_user"))
+    details.append(t(lang, "isolation_hook"))
+    line = t(lang, "isolation_process", details=", ".join(details), limits=limits)
+    return f"{line}. {iso.note}" if iso.note else line
+
+
+def check_markdown(lang: Lang, report: CheckReport | None, examples: int, iso: Isolation | None) -> str:
+    """A program's verdict on each example: a table, then the diffs of the failures."""
+    if report is None:
+        return t(lang, "checking", n=examples)
+    if not report.program_found:
+        return t(lang, "no_program")
+    lines = []
+    if not report.results:
+        lines.append(t(lang, "no_examples"))
+    else:
+        lines.append(f"**{t(lang, 'check_title', passed=report.passed, total=report.total)}**\n")
+        lines.append("| | # | verdict | time |\n|---|---|---|---|")
+        for r in report.results:
+            mark = "✔" if r.passed else ("·" if r.verdict == "skipped" else "✘")
+            verdict = t(lang, f"verdict_{r.verdict}") if f"verdict_{r.verdict}" in RUNTIME[lang] else r.verdict
+            detail = "" if r.passed or r.verdict == "wrong_answer" else f" — {r.message}"
+            lines.append(f"| {mark} | {r.name} | {verdict}{detail.replace('|', '/')} | {r.time_s:.2f} s |")
+        for r in report.results:
+            if r.diff:
+                lines.append(f"\n{t(lang, 'expected_got', name=r.name)}\n{_fenced(r.diff, 'diff')}")
+            elif r.stderr.strip() and not r.passed and r.verdict != "skipped":
+                lines.append(f"\n{t(lang, 'stderr', name=r.name)}\n{_fenced(r.stderr.strip()[-1500:], 'text')}")
+    if iso is not None:
+        lines.append(f"\n<small>{isolation_line(lang, iso)}</small>")
+    return "\n".join(lines)
+
+
+def _fenced(text: str, lang: str) -> str:
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def _apart(lang: Lang, c: Consensus) -> str:
+    items = [t(lang, key, n=len(v)) for key, v in (("apart_no_answer", c.no_answer), ("apart_cut_off", c.cut_off),
+                                                     ("apart_failed", c.failed), ("apart_running", c.pending)) if v]
+    return t(lang, "apart", items=" · ".join(items)) if items else ""
+
+
+def tally_markdown(lang: Lang, c: Consensus, iso: Isolation | None = None) -> str:
+    """The vote, live: the leading answer pinned like a final answer, the others with their
+    counts, the samples that did not vote counted apart."""
+    done = c.samples - len(c.pending)
+    lines = []
+    if c.kind == "code":
+        total = c.examples or 0
+        if c.answer is not None:
+            key = "programs_pass" if c.done else "programs_pass_so_far"
+            head = t(lang, key, votes=c.votes, samples=c.samples, done=done, total=total)
+        elif not c.groups:
+            head = t(lang, "no_programs" if c.done else "no_programs_yet")
+        else:
+            head = t(lang, "no_program_passes", total=total)
+        lines.append(f'<div class="vt-final vt-vote"><b>{head}</b></div>')
+        others = [f"{g.answer} × {g.votes}" for g in c.groups if g.answer != c.answer]
+    else:
+        if c.answer is None:
+            head = f"<b>{t(lang, 'no_votes' if c.done else 'no_votes_yet')}</b>"
+        else:
+            key = "agree" if c.done else "agree_so_far"
+            head = f"<b>{t(lang, key, votes=c.votes, samples=c.samples, done=done, answer='')}</b> {_math(c.answer)}"
+        lines.append(f'<div class="vt-final vt-vote">{head}</div>')
+        others = [f"{_math(g.answer)} × {g.votes}" for g in c.groups[1:]]
+    if others:
+        lines.append(t(lang, "others", answers=" · ".join(others)))
+    apart = _apart(lang, c)
+    if apart:
+        lines.append(apart)
+    if c.notes:
+        lines.append(f"<small>{t(lang, 'notes', notes='; '.join(c.notes))}</small>")
+    if iso is not None:
+        lines.append(f"<small>{isolation_line(lang, iso)}</small>")
+    return "\n\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Sample:
+    reasoning: str = ""
+    answer: str = ""
+    usage: Usage | None = None
+    boxed: str | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    think_end: float | None = None
+
+    @property
+    def finish(self) -> str | None:
+        return self.usage.finish_reason.value if self.usage is not None else None
+
+
+def sample_message(lang: Lang, index: int, s: _Sample, check: str | None, final: bool,
+                   label: str | None = None) -> gr.ChatMessage:
+    """One sample, collapsible: its reasoning, its answer and (code) its verdicts; ``label`` is
+    what the title says of a finished sample instead of its boxed answer (code problems)."""
+    done = s.usage is not None
+    if not done:
+        state = t(lang, "sample_answering" if s.answer else "sample_running")
+    elif label is not None:
+        state = label
+    elif s.boxed:
+        state = s.boxed
+    else:
+        state = t(lang, "sample_no_answer")
+    title = f"{t(lang, 'sample', i=index + 1)} · {state}"
+    if done:
+        title += f" · {t(lang, 'finish_' + s.usage.finish_reason.value).split(' ')[0]}"
+    parts = []
+    if s.reasoning:
+        if done or final:
+            parts.append(f"**{t(lang, 'thinking')}**\n\n{s.reasoning.strip()}")
+        else:
+            tail = s.reasoning if len(s.reasoning) <= VOTE_TAIL_CHARS else "…" + s.reasoning[-VOTE_TAIL_CHARS:]
+            parts.append(f"**{t(lang, 'thinking')}**\n\n{_plain_block(tail)}")
+    if s.answer:
+        parts.append(f"**{t(lang, 'answer_label')}**\n\n{wrap_bare_boxed(s.answer.strip())}")
+    if check:
+        parts.append(check)
+    metadata: dict[str, Any] = {"title": title, "status": "done" if done or final else "pending",
+                                "duration": round(((s.think_end or time.monotonic()) - s.started), 1)}
+    if s.usage is not None:
+        metadata["log"] = t(lang, "tokens", n=s.usage.completion_tokens)
+    return gr.ChatMessage(role="assistant", content="\n\n".join(parts) or "…", metadata=metadata)  # type: ignore[arg-type]
+
+
+def stats_many(lang: Lang, host: ModelHost, samples: list[_Sample], wall: float) -> str:
+    info = host.status().info
+    usages = [s.usage for s in samples if s.usage is not None]
+    finishes: dict[str, int] = {}
+    for s in samples:
+        key = s.finish or FinishReason.CANCELLED.value
+        finishes[key] = finishes.get(key, 0) + 1
+    completion = sum(u.completion_tokens for u in usages)
+    return t(lang, "stats_many", backend=info.backend if info else "?", device=info.device if info else "?",
+             k=len(samples), prompt=max((u.prompt_tokens for u in usages), default=0),
+             reasoning=sum(u.reasoning_tokens for u in usages), answer=sum(u.answer_tokens for u in usages),
+             speed=f"{completion / wall:.1f}" if wall > 0 and completion else "-",
+             finishes=", ".join(f"{k} ×{v}" for k, v in finishes.items()))
+
+
 class ChatSessions:
     """Which backend request each browser session is running, so Stop can cancel it at once
     (Gradio itself can only close our generator between two updates)."""
@@ -183,9 +349,26 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
     i18n = make_i18n(manifest.server.language)
     sessions = ChatSessions(host)
 
+    trust = trust_for(manifest)
+    checks_pool = ThreadPoolExecutor(max_workers=manifest.solve.parallel_runs, thread_name_prefix="vt-check")
+
+    def code_setup(lang: Lang, question: str, system: str, tests: Any) -> tuple[bool, list]:
+        """(code preset?, the examples to run) — only when solve.run_code is on."""
+        if not trust.run_code:
+            return False, []
+        try:
+            extra = parse_test_text(str(tests or ""))
+        except ValueError as exc:
+            raise gr.Error(t(lang, "bad_tests", error=str(exc))) from None
+        try:
+            trust.sandbox()
+        except SandboxUnavailable as exc:
+            raise gr.Error(str(exc)) from None
+        return (system or "").strip() == CODE_SYSTEM_PROMPT, trust.examples(question, extra)
+
     def respond(question: str, history: list, turns: list, system: str, temperature: float, top_p: float,
-                top_k: Any, max_new_tokens: Any, thinking_budget: Any, seed: Any,
-                request: gr.Request) -> Iterator[tuple]:
+                top_k: Any, max_new_tokens: Any, thinking_budget: Any, seed: Any, samples: Any = 1,
+                tests: Any = "", request: gr.Request = None) -> Iterator[tuple]:
         lang = _lang(manifest, request)
         question = (question or "").strip()
         if not question:
@@ -202,10 +385,18 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
         )
         budget = _int_setting(thinking_budget, "thinking_budget", 0, lang)
         params = dataclasses.replace(params, thinking_budget=budget or None)
+        k = _int_setting(samples if samples not in (None, "") else 1, "samples", 1, lang)
+        if k > MAX_SAMPLES:
+            raise gr.Error(t(lang, "bad_setting", name="samples", rule=f"≤ {MAX_SAMPLES}"))
+        code_preset, examples = code_setup(lang, question, system, tests)
         hint = t(lang, "english_hint") if mostly_chinese(question) else ""
         if hint:
             gr.Info(hint)
         base = list(history) + [gr.ChatMessage(role="user", content=question)]
+        if k > 1:
+            yield from respond_many(lang, question, base, turns, system, params, k, hint, code_preset, examples,
+                                    request)
+            return
         started = time.monotonic()
         yield base + [thinking_message(lang, "", False, 0.0, None)], turns, hint, ""
 
@@ -268,6 +459,135 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
         if usage.finish_reason != FinishReason.CANCELLED:
             new_turns.append([question, answer])
         yield view(), new_turns, stats, gr.skip()
+        if trust.run_code and usage.finish_reason != FinishReason.CANCELLED and (
+                code_preset or extract_program(answer) is not None):
+            # The program against the examples: only with solve.run_code, after the answer is complete.
+            iso = trust.sandbox().isolation
+            checking = gr.ChatMessage(role="assistant", content=check_markdown(lang, None, len(examples), iso))
+            yield view() + [checking], new_turns, stats, gr.skip()
+            report = trust.check(answer, examples)
+            done = gr.ChatMessage(role="assistant", content=check_markdown(lang, report, len(examples), iso))
+            yield view() + [done], new_turns, stats, gr.skip()
+
+    def respond_many(lang: Lang, question: str, base: list, turns: list, system: str, params: Any, k: int,
+                     hint: str, code_preset: bool, examples: list, request: gr.Request) -> Iterator[tuple]:
+        """k samples of one question: they stream as they come, the vote is tallied live."""
+        started = time.monotonic()
+        req = GenerationRequest(messages=build_messages(system or "", [tuple(x) for x in turns], question),
+                                params=params, n=k)
+        states = [_Sample() for _ in range(k)]
+        futures: dict[int, Future] = {}
+        reports: dict[int, CheckReport] = {}
+        iso = trust.sandbox().isolation if trust.run_code else None
+        consensus: Consensus | None = None
+        session = request.session_hash or req.request_id
+        stream: Iterator[Any] | None = None
+        last_update = 0.0
+        if not trust.run_code or not code_preset:
+            trust.warm()  # math-verify's worker imports while the model thinks
+
+        def coding() -> bool:
+            return trust.run_code and (code_preset or any(
+                s.usage is not None and extract_program(s.answer) is not None for s in states))
+
+        def recount(final: bool = False) -> Consensus:
+            if coding():
+                for i, f in list(futures.items()):
+                    if f.done():
+                        reports[i] = f.result()
+                finish = {i: s.finish for i, s in enumerate(states)}
+                if final:
+                    finish = {i: f or FinishReason.CANCELLED.value for i, f in finish.items()}
+                vote = trust.code_vote(dict(reports), finish, k)
+                vote.examples = vote.examples or len(examples)
+                return vote
+            answers = [SampleAnswer(i, s.answer, s.finish or (FinishReason.CANCELLED.value if final else None))
+                       for i, s in enumerate(states)]
+            return trust.vote(answers, k)
+
+        def check_of(i: int, final: bool) -> str | None:
+            if not coding() or states[i].usage is None:
+                return None
+            return check_markdown(lang, reports.get(i), len(examples), None)
+
+        def label_of(i: int) -> str | None:
+            """Code problems: the program's score in the sample's title."""
+            if not coding() or states[i].usage is None:
+                return None
+            report = reports.get(i)
+            if report is None:
+                return t(lang, "checking", n=len(examples)) if i in futures else t(lang, "sample_no_program")
+            if not report.program_found:
+                return t(lang, "sample_no_program")
+            mark = "✔" if report.total and report.passed == report.total else "✘"
+            return f"{mark} {t(lang, 'check_title', passed=report.passed, total=report.total)}"
+
+        def view(final: bool = False) -> list:
+            msgs = list(base)
+            if consensus is not None:
+                shown_iso = iso if consensus.kind == "code" else None
+                msgs.append(gr.ChatMessage(role="assistant", content=tally_markdown(lang, consensus, shown_iso)))
+            msgs += [sample_message(lang, i, s, check_of(i, final), final, label_of(i)) for i, s in enumerate(states)]
+            return msgs
+
+        def submit_check(i: int) -> None:
+            if trust.run_code and (code_preset or extract_program(states[i].answer) is not None):
+                futures[i] = checks_pool.submit(trust.check, states[i].answer, examples)
+
+        consensus = recount()
+        yield view(), turns, hint, ""
+        try:
+            stream = host.generate(req, "page")
+            sessions.start(session, req.request_id)
+            for item in stream:
+                if isinstance(item, Queued):
+                    yield view(), turns, t(lang, "queued", position=item.position), gr.skip()
+                    continue
+                assert isinstance(item, StreamChunk)
+                s = states[item.index]
+                s.reasoning += item.reasoning
+                if item.answer and s.think_end is None:
+                    s.think_end = time.monotonic()
+                s.answer += item.answer
+                changed = False
+                if item.usage is not None:
+                    s.usage, s.boxed = item.usage, item.boxed_answer
+                    s.think_end = s.think_end or time.monotonic()
+                    submit_check(item.index)
+                    changed = True
+                changed = changed or any(f.done() and i not in reports for i, f in futures.items())
+                if changed:
+                    consensus = recount()
+                now = time.monotonic()
+                if changed or now - last_update >= UPDATE_INTERVAL_S:
+                    last_update = now
+                    yield view(), turns, hint, gr.skip()
+                if all(x.usage is not None for x in states):
+                    break
+        except (NotReady, QueueFull, BackendError) as exc:
+            msgs = list(base) + [gr.ChatMessage(role="assistant", content=t(lang, "error", error=str(exc)))]
+            yield msgs, turns, t(lang, "error", error=str(exc)), gr.skip()
+            return
+        finally:
+            sessions.end(session, req.request_id)
+            if stream is not None:
+                stream.close()
+        for s in states:
+            if s.usage is None:
+                s.usage = Usage(finish_reason=FinishReason.CANCELLED)
+        while futures and not all(f.done() for f in futures.values()):
+            consensus = recount()
+            yield view(), turns, hint, gr.skip()
+            wait(list(futures.values()), timeout=0.5, return_when=FIRST_COMPLETED)
+        consensus = recount(final=True)
+        stats = stats_many(lang, host, states, time.monotonic() - started)
+        if hint:
+            stats = hint + "\n\n" + stats
+        new_turns = list(turns)
+        best = consensus.best_index
+        if best is not None and states[best].usage.finish_reason != FinishReason.CANCELLED:
+            new_turns.append([question, states[best].answer])  # the winner goes into the conversation
+        yield view(final=True), new_turns, stats, gr.skip()
 
     def stop(request: gr.Request) -> Any:
         lang = _lang(manifest, request)
@@ -337,7 +657,8 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
                                     value="", elem_id="vt-system")
                 gr.Markdown(i18n("system_why"))
                 with gr.Accordion(i18n("settings"), open=False):
-                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label=i18n("temperature"))
+                    temperature = gr.Slider(0.0, 2.0, value=gen.temperature, step=0.05, label=i18n("temperature"),
+                                            elem_id="vt-temperature")
                     top_p = gr.Slider(0.05, 1.0, value=gen.top_p, step=0.01, label=i18n("top_p"))
                     top_k = gr.Number(value=gen.top_k, precision=0, minimum=0, label=i18n("top_k"))
                     max_new_tokens = gr.Number(value=gen.max_new_tokens, precision=0, minimum=1,
@@ -345,9 +666,14 @@ def build_page(host: ModelHost) -> tuple[gr.Blocks, gr.I18n]:
                     thinking_budget = gr.Number(value=gen.thinking_budget, precision=0, minimum=0,
                                                 label=i18n("thinking_budget"), elem_id="vt-thinking-budget")
                     seed = gr.Number(value=gen.seed if gen.seed is not None else -1, precision=0, minimum=-1, label=i18n("seed"), elem_id="vt-seed")
+                samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label=i18n("samples"), elem_id="vt-samples")
+                with gr.Accordion(i18n("code_checking"), open=False, visible=manifest.solve.run_code):
+                    gr.Markdown(i18n("code_checking_why"))
+                    tests = gr.Textbox(label=i18n("tests"), placeholder=i18n("tests_placeholder"), lines=4,
+                                       value="", elem_id="vt-tests")
 
         inputs = [question, chatbot, turns, system, temperature, top_p, top_k, max_new_tokens, thinking_budget,
-                  seed]
+                  seed, samples, tests]
         outputs = [chatbot, turns, stats, question]
         ev_submit = submit_btn.click(respond, inputs, outputs, api_name="chat", show_progress="full")
         ev_enter = question.submit(respond, inputs, outputs, api_name=False, show_progress="full")

@@ -201,6 +201,26 @@ class InstallSettings(_Section):
     venv: str = setting(".venv", "Where 1键推理.sh keeps its virtual environment (relative to the app folder).")
 
 
+class SolveSettings(_Section):
+    run_code: bool = setting(
+        False, "Run the Python programs of answers against the problem's examples (page and API). Off by "
+        "default: on a shared notebook its owner decides. Programs run isolated (see sandbox) and limited.",
+        env="VT_RUN_CODE")
+    sandbox: Literal["auto", "bubblewrap", "process"] = setting(
+        "auto", "Isolation of those programs: auto = bubblewrap (namespaces: no network, read-only system) when "
+        "bwrap works here, else process limits only; bubblewrap = refuse to run code without it.")
+    cpu_time_s: float = setting(4.0, "CPU seconds per program run.", gt=0, le=600)
+    wall_time_s: float = setting(15.0, "Wall-clock seconds per program run (it is killed then).", gt=0, le=3600)
+    memory_mb: int = setting(512, "Address space of a program run, in MiB.", ge=64, le=65536)
+    output_kb: int = setting(1024, "Most output (and any file) a program may write, in KiB.", ge=1, le=1048576)
+    max_processes: int = setting(8, "Processes and threads a program may have.", ge=1, le=256)
+    parallel_runs: int = setting(2, "Programs run at the same time (others wait).", ge=1, le=64)
+    max_tests: int = setting(20, "Most examples and user tests run per answer.", ge=1, le=200)
+    math_timeout_s: float = setting(
+        5.0, "Longest math-verify may think about one answer (parse or comparison); then it is compared as text.",
+        gt=0, le=120)
+
+
 class Manifest(_Section):
     # Checked against the engine registry by load_config (the schema is data: it imports no engine).
     backend: str = setting("auto", "Inference engine: auto, or one of the registered engines (transformers, "
@@ -213,6 +233,8 @@ class Manifest(_Section):
     generation: GenerationSettings = section(GenerationSettings, "Sampling defaults (requests may override them).")
     server: ServerSettings = section(ServerSettings, "The web page and API server.")
     install: InstallSettings = section(InstallSettings, "What 1键推理.sh installs.")
+    solve: SolveSettings = section(SolveSettings, "Answers you can trust: voting over samples, running code "
+                                   "against the problem's examples.")
 
     def llamacpp_parallel(self) -> int:
         """``llamacpp.parallel`` with ``auto`` resolved (it follows server.concurrency)."""
