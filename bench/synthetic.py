@@ -40,6 +40,9 @@ CHAT_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# What the driver writes to close a thinking cut short (backends.policy.CLOSE_THINKING_TEXT).
+_CLOSING = "\n\nI have thought long enough; now I will write the final answer.\n</think>\n\n"
+
 # Prompts the tiny model is trained on; tests use them by name.
 ADD_PROMPT = "What is 2+2?"
 ADD_REPLY = "<think>\nI need to add 2 and 2. Two plus two is four.\n</think>\n\nThe answer is \\boxed{4}."
@@ -57,8 +60,15 @@ _EXAMPLES: list[tuple[str, str]] = [
     ("What is 5+4?", "<think>\nI need to add 5 and\n\nI have thought long enough.\n</think>\n\nThe answer is \\boxed{9}."),
     # The model learns to repeat "wait" far longer than the loop guard waits, and to answer once
     # the thinking is closed — the shape of VibeThinker's real failure.
-    (LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}."),    (ENDLESS_PROMPT, "<think>\n" + "wait " * ENDLESS_TRAIN_REPEATS),
+    (LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}."),
+    (ENDLESS_PROMPT, "<think>\n" + "wait " * ENDLESS_TRAIN_REPEATS),
 ]
+# The loop closed by the app (its closing text at several points) still ends in the answer, so that
+# the loop guard's "thinking closed and the answer written" holds wherever the guard cuts (token or
+# text guard, any batch). The uncut reply is weighted double: at every cut point more examples go on
+# waiting than close, so that without the guard the model still loops.
+_EXAMPLES += [(LOOP_PROMPT, "<think>\n" + "wait " * 240 + "\n</think>\n\nThe answer is \\boxed{0}.")]
+_EXAMPLES += [(LOOP_PROMPT, "<think>\n" + "wait " * k + _CLOSING + "The answer is \\boxed{0}.") for k in (17, 43, 90, 150)]
 
 # Voting: one prompt trained with several replies, so that sampling (a seed) picks among them:
 # three equivalent forms of one half (\frac{1}{2} = 0.5 = 1/2 must vote together), a wrong answer
