@@ -1,7 +1,8 @@
-"""Packaging of the one-click bundle and the installer behind ``1键推理.sh``.
+"""Packaging of the one-click bundle and the launcher behind ``1键推理.sh``.
 
 ``bundle.build`` / ``bundle.archive`` make and verify ``dist/vibethinker-app-<ver>-<target>.tar.gz``;
-``bundle.oneclick`` is what ``1键推理.sh`` runs after it has found a Python ≥ 3.10. Modules that
-the one-click script runs on the platform's bare Python (oneclick, archive, platform_checks)
-use the standard library only.
+``bundle.launcher`` is what ``1键推理.sh`` runs after it has found a Python ≥ 3.10, and
+``bundle.resolve`` is how the launcher reads the configuration through the one schema. Modules that
+run on the platform's bare Python (``bundle.launcher``, ``archive``, ``reqfiles``) use the standard
+library only.
 """

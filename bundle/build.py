@@ -5,8 +5,10 @@ Layout of ``dist/vibethinker-app-<version>-<target>.tar.gz`` (one top-level fold
     1键推理.sh            the one-click script (from scripts/)
     VERSION, BUNDLE.json  version; target, wheelhouse kind, build Python/platform
     manifest.yaml         the app's configuration
-    backends/ ui/ bundle/ scripts/*.py   the app (no tests, caches, secrets)
-    requirements/*.txt    pinned from the build environment (bundle/requirements.py)
+    backends/ ui/ bundle/ the app (no tests, benchmark, caches or secrets)
+    scripts/convert_to_gguf.py, scripts/fetch_model.py   the user-facing tools
+    requirements/         pinned from the build environment (bundle/requirements.py): bootstrap,
+                          core, one file per extra, torch per build, index.json
     wheels/               optional wheelhouse for offline installs
     models/<name>/        optional model files (manifest's model.path points there)
     SHA256SUMS            every other file, sha256sum format
@@ -25,13 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archive import SUMS_NAME, sha256_file, sums_text, write_tar_gz
+from .reqfiles import INDEX_NAME
 from .requirements import pinned_requirements, project_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = "1键推理.sh"
 APP_PACKAGES = ("backends", "ui", "bundle")
+# Only what a user runs ships from scripts/ (the benchmark and the test-model maker stay behind).
+USER_SCRIPTS = ("convert_to_gguf.py", "fetch_model.py")
 TOP_LEVEL_FILES = ("manifest.yaml", "pyproject.toml", "README.md", "LICENSE")
-_EXCLUDED_DIRS = {"__pycache__", ".git", ".venv", "dist", "build", "tests", ".pytest_cache", ".mypy_cache", "node_modules"}
+_EXCLUDED_DIRS = {"__pycache__", ".git", ".venv", "dist", "build", "tests", "bench", ".pytest_cache", ".mypy_cache",
+                  "node_modules"}
 # Never ship what looks like a secret or a leftover.
 _EXCLUDED_NAME = re.compile(r"(^\.env.*|.*\.(pyc|pyo|log|partial|pem|key|crt|p12)$|^id_(rsa|ed25519).*|^\.DS_Store$|.*~$)")
 WHEELHOUSE_KINDS = ("none", "app", "full")
@@ -60,8 +66,11 @@ def _app_files(root: Path) -> dict[str, Path]:
                 if not _EXCLUDED_NAME.match(name):
                     path = Path(dirpath) / name
                     files[path.relative_to(root).as_posix()] = path
-    for path in sorted((root / "scripts").glob("*.py")):
-        files[f"scripts/{path.name}"] = path
+    for name in USER_SCRIPTS:
+        path = root / "scripts" / name
+        if not path.is_file():
+            raise BuildError(f"{path} is missing: the bundle ships it as a user-facing tool.")
+        files[f"scripts/{name}"] = path
     for name in TOP_LEVEL_FILES:
         if (root / name).is_file():
             files[name] = root / name
@@ -134,23 +143,36 @@ def _pip_wheel(args: list[str], wheel_dir: Path, env: dict[str, str] | None = No
         )
 
 
-def _wheelhouse(kind: str, target: str, req_dir: Path, wheel_dir: Path, has_llama: bool) -> str:
+def engine_extras() -> list[str]:
+    """The extras of every registered engine (the registry says which engines exist)."""
+    from backends import registry
+
+    out: list[str] = []
+    for spec in registry.engines().values():
+        out += [e for e in spec.extras if e not in out]
+    return out
+
+
+def _wheelhouse(kind: str, target: str, req_dir: Path, wheel_dir: Path) -> str:
     """Fill ``wheel_dir``; returns how llama-cpp-python was included: cpu | cuda | none."""
-    reqs = ["-r", str(req_dir / "bootstrap.txt"), "-r", str(req_dir / "base.txt")]
-    if kind == "full":
-        reqs += ["-r", str(req_dir / f"torch-{target}.txt")]
+    index = json.loads((req_dir / INDEX_NAME).read_text(encoding="utf-8"))
+    groups = [index["core"]] + [index["extras"][e] for e in engine_extras() if e in index["extras"]]
+    reqs = ["-r", str(req_dir / index["bootstrap"])]
+    reqs += [a for g in groups if not g["llama_cpp"] for a in ("-r", str(req_dir / g["file"]))]
+    if kind == "full" and any(g["torch"] for g in groups):
+        reqs += ["-r", str(req_dir / index["torch"][target])]
     _pip_wheel(reqs, wheel_dir)
-    if not has_llama:
+    llama_groups = [a for g in groups if g["llama_cpp"] for a in ("-r", str(req_dir / g["file"]))]
+    if not llama_groups:
         return "none"
-    llama_req = ["-r", str(req_dir / "llamacpp.txt")]
     if target == "cpu":
         # pip's cache holds the CPU build made when the build environment was installed.
-        _pip_wheel(llama_req, wheel_dir)
+        _pip_wheel(llama_groups, wheel_dir)
         return "cpu"
     if _nvcc_works():
         env = {**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on", "FORCE_CMAKE": "1"}
         # No cache: a cached wheel would be the CPU build (the cache key ignores CMAKE_ARGS).
-        _pip_wheel([*llama_req, "--no-cache-dir", "--no-binary", "llama-cpp-python"], wheel_dir, env)
+        _pip_wheel([*llama_groups, "--no-cache-dir", "--no-binary", "llama-cpp-python"], wheel_dir, env)
         return "cuda"
     print(
         "warning: no nvcc + GPU here, so the cuda wheelhouse has no llama-cpp-python; the notebook builds it "
@@ -196,7 +218,7 @@ def build(
         if wheelhouse != "none":
             wheel_dir = tmp / "wheels"
             wheel_dir.mkdir()
-            llama_wheel = _wheelhouse(wheelhouse, target, tmp / "gen" / "requirements", wheel_dir, pins.llamacpp_version is not None)
+            llama_wheel = _wheelhouse(wheelhouse, target, tmp / "gen" / "requirements", wheel_dir)
             for wheel in sorted(wheel_dir.iterdir()):
                 files[f"wheels/{wheel.name}"] = wheel
 

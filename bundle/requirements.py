@@ -1,11 +1,12 @@
 """Pinned requirement files for a bundle, taken from the environment that builds it.
 
 Why pin from the build environment instead of a resolver run: the build machine is the one whose
-test suite passed, so its exact versions are the known-good set. The closure of the project's
-dependencies is walked through installed metadata (markers evaluated for this platform), and
-every package gets ``==version``. torch and llama-cpp-python get files of their own because the
-one-click script decides about them at install time (reuse the platform's torch, CPU or CUDA
-build; llama.cpp only when that backend can be chosen).
+test suite passed, so its exact versions are the known-good set. The closure of each group's
+requirements is walked through installed metadata (markers evaluated for this platform), and
+every package gets ``==version``. The groups and files are the same as a git checkout's
+(bundle/reqfiles.py): bootstrap, core, one file per extra, torch per build. An extra's file holds
+only what the core does not already pin; torch is taken out of every group, because the launcher
+decides about it at install time (reuse the platform's torch, CPU or CUDA build).
 """
 from __future__ import annotations
 
@@ -17,8 +18,23 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from .reqfiles import BOOTSTRAP, SEPARATE, torch_cpu_text, torch_cuda_text
+from .reqfiles import (
+    BOOTSTRAP,
+    BOOTSTRAP_FILE,
+    CORE_FILE,
+    INDEX_NAME,
+    LLAMA_CPP,
+    TORCH,
+    extra_file,
+    index_text,
+    shipped_extras,
+    torch_cpu_text,
+    torch_cuda_text,
+    torch_file,
+)
 from .reqfiles import read_pyproject as project_metadata
+
+__all__ = ["PinnedSet", "RequirementsError", "pinned_requirements", "project_metadata"]
 
 
 class RequirementsError(RuntimeError):
@@ -28,8 +44,8 @@ class RequirementsError(RuntimeError):
 @dataclass(frozen=True)
 class PinnedSet:
     files: dict[str, str]  # file name under requirements/ -> text
-    torch_version: str  # base version, e.g. "2.13.0"
-    llamacpp_version: str | None
+    torch_version: str | None  # base version, e.g. "2.13.0"; None when no group needs torch
+    llamacpp_version: str | None  # pinned llama-cpp-python, when an extra has it installed here
 
 
 def _closure(roots: list[Requirement], exclude: set[str]) -> dict[str, str]:
@@ -53,7 +69,7 @@ def _closure(roots: list[Requirement], exclude: set[str]) -> dict[str, str]:
             raise RequirementsError(
                 f"{req.name} is required but not installed in the build environment "
                 f"({env['python_full_version']}). Install the project first: "
-                f'pip install torch==2.13.0 && pip install -e ".[llamacpp]"'
+                f'pip install torch==2.13.0 && pip install -e ".[transformers,llamacpp]"'
             ) from None
         pins[name] = dist.version
         for text in dist.requires or []:
@@ -73,36 +89,37 @@ def _lines(pins: dict[str, str]) -> str:
 def pinned_requirements(root: Path) -> PinnedSet:
     """The requirement files of a bundle, pinned to the versions installed here."""
     project = project_metadata(root)
-    deps = [Requirement(d) for d in project["dependencies"]]
-    base = _closure(deps, exclude=set(SEPARATE))
-    bootstrap = _closure([Requirement(r) for r in BOOTSTRAP], exclude=set(SEPARATE))
-    try:
-        torch_version = metadata.version("torch").split("+", 1)[0]
-    except metadata.PackageNotFoundError:
-        raise RequirementsError("torch is not installed in the build environment: pip install torch==2.13.0") from None
-    llama_extra = [Requirement(d) for d in project.get("optional-dependencies", {}).get("llamacpp", [])]
-    try:
-        llama = _closure(llama_extra, exclude={"torch"})
-        llamacpp_version = llama.get("llama-cpp-python")
-        llama = {k: v for k, v in llama.items() if k not in base or k == "llama-cpp-python"}
-    except RequirementsError:
-        llama, llamacpp_version = {}, None
-
+    core_reqs = list(project["dependencies"])
+    extras = shipped_extras(project)
     header = "# Pinned from the environment that built this bundle (bundle/requirements.py).\n"
+    core = _closure([Requirement(d) for d in core_reqs], exclude={TORCH})
     files = {
-        "bootstrap.txt": header + _lines(bootstrap),
-        "base.txt": header + "# Everything the app needs except torch and llama-cpp-python.\n" + _lines(base),
-        "torch-cpu.txt": torch_cpu_text(header, f"torch=={torch_version}+cpu", f"torch=={torch_version}"),
-        "torch-cuda.txt": torch_cuda_text(header, f"torch=={torch_version}"),
+        BOOTSTRAP_FILE: header + _lines(_closure([Requirement(r) for r in BOOTSTRAP], exclude={TORCH})),
+        CORE_FILE: header + "# The core: the page, the API, the configuration (no engine).\n" + _lines(core),
+        INDEX_NAME: index_text(core_reqs, extras),
     }
-    if llamacpp_version:
-        files["llamacpp.txt"] = (
-            header
-            + "# Compiled at install time unless wheels/ holds a built wheel; CMAKE_ARGS=-DGGML_CUDA=on for GPUs.\n"
-            + _lines(llama)
-        )
-    else:
-        files["llamacpp.txt"] = header + "".join(f"{r}\n" for r in llama_extra)
-    modelscope = project.get("optional-dependencies", {}).get("modelscope", [])
-    files["modelscope.txt"] = "# Optional: model downloads from ModelScope.\n" + "".join(f"{r}\n" for r in modelscope)
+    llamacpp_version = None
+    for name, reqs in extras.items():
+        try:
+            pins = _closure([Requirement(r) for r in reqs], exclude={TORCH})
+        except RequirementsError as exc:
+            # Not installed where the bundle is built: pip resolves pyproject.toml's ranges.
+            files[extra_file(name)] = (header + f"# Not pinned ({exc}): pyproject.toml's ranges.\n"
+                                       + "".join(f"{r}\n" for r in reqs if Requirement(r).name != TORCH))
+            continue
+        llamacpp_version = llamacpp_version or pins.get(LLAMA_CPP)
+        comment = (f"# Extra [{name}]: what it needs beyond the core"
+                   + ("; torch is a step of its own" if any(Requirement(r).name == TORCH for r in reqs) else "")
+                   + ("; llama-cpp-python compiles at install time unless wheels/ has it (CMAKE_ARGS for CUDA)"
+                      if LLAMA_CPP in pins else "") + ".\n")
+        files[extra_file(name)] = header + comment + _lines({k: v for k, v in pins.items() if k not in core})
+    needs_torch = any(Requirement(r).name == TORCH for r in core_reqs + [r for v in extras.values() for r in v])
+    torch_version = None
+    if needs_torch:
+        try:
+            torch_version = metadata.version(TORCH).split("+", 1)[0]
+        except metadata.PackageNotFoundError:
+            raise RequirementsError("torch is not installed in the build environment: pip install torch==2.13.0") from None
+        files[torch_file("cpu")] = torch_cpu_text(header, f"torch=={torch_version}+cpu", f"torch=={torch_version}")
+        files[torch_file("cuda")] = torch_cuda_text(header, f"torch=={torch_version}")
     return PinnedSet(files=files, torch_version=torch_version, llamacpp_version=llamacpp_version)

@@ -63,9 +63,10 @@ def test_archive_name_layout_and_exclusions(cpu_archive: Path) -> None:
     assert all(n == root or n.startswith(root + "/") for n in names)
     rel = {n[len(root) + 1 :] for n in names if n != root}
     for required in ("1键推理.sh", "manifest.yaml", "VERSION", "BUNDLE.json", "SHA256SUMS",
-                     "backends/manifest.py", "ui/__main__.py", "bundle/oneclick.py", "bundle/resolve.py",
+                     "backends/config/schema.py", "backends/registry.py", "ui/__main__.py", "bundle/launcher/__main__.py",
+                     "bundle/launcher/commands.py", "bundle/resolve.py", "requirements/index.json",
                      "requirements/base.txt", "requirements/bootstrap.txt", "requirements/torch-cpu.txt",
-                     "requirements/torch-cuda.txt", "requirements/llamacpp.txt"):
+                     "requirements/torch-cuda.txt", "requirements/transformers.txt", "requirements/llamacpp.txt"):
         assert required in rel, required
     forbidden = [r for r in rel if r.startswith(("tests/", ".git", ".venv", "dist/")) or "__pycache__" in r
                  or r.endswith((".pyc", ".log")) or "/.env" in r]
@@ -79,14 +80,47 @@ def test_archive_name_layout_and_exclusions(cpu_archive: Path) -> None:
     assert info["target"] == "cpu" and info["version"] == VERSION and info["wheelhouse"] == "none"
 
 
-def test_requirements_are_pinned_per_target(cpu_archive: Path) -> None:
+def test_nothing_test_or_benchmark_only_ships(cpu_archive: Path) -> None:
+    """The tarball holds the app and the user's tools: no tests, no benchmark, no test-model maker,
+    and no shipped module imports them."""
     root = f"vibethinker-app-{VERSION}-cpu"
-    base = _read(cpu_archive, f"{root}/requirements/base.txt").decode()
-    pins = [line for line in base.splitlines() if line and not line.startswith("#")]
-    assert pins and all("==" in line for line in pins)
-    names = {line.split("==")[0] for line in pins}
-    assert {"gradio", "transformers", "pydantic", "pyyaml"} <= names
-    assert "torch" not in names and "llama-cpp-python" not in names
+    with tarfile.open(cpu_archive) as tar:
+        files = {m.name[len(root) + 1:]: m for m in tar.getmembers() if m.isfile()}
+        sources = {name: tar.extractfile(m).read().decode("utf-8") for name, m in files.items()  # type: ignore[union-attr]
+                   if name.endswith((".py", ".sh"))}
+    tops = {name.split("/", 1)[0] for name in files}
+    assert tops == {"1键推理.sh", "BUNDLE.json", "README.md", "SHA256SUMS", "VERSION", "manifest.yaml", "pyproject.toml",
+                    "backends", "bundle", "requirements", "scripts", "ui"}, tops
+    assert sorted(n for n in files if n.startswith("scripts/")) == ["scripts/convert_to_gguf.py", "scripts/fetch_model.py"]
+    for name, text in sources.items():
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] not in ("bench", "tests", "helpers", "pytest"), f"{name}: {line}"
+
+
+def test_requirements_are_pinned_per_group(cpu_archive: Path) -> None:
+    root = f"vibethinker-app-{VERSION}-cpu"
+
+    def pins(name: str) -> dict[str, str]:
+        text = _read(cpu_archive, f"{root}/requirements/{name}").decode()
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert lines and all("==" in line for line in lines), text
+        return dict(line.split("==") for line in lines)
+
+    core = pins("base.txt")
+    assert {"gradio", "pydantic", "pydantic-settings", "pyyaml", "numpy"} <= set(core)
+    assert not {"torch", "transformers", "llama-cpp-python"} & set(core), "the core holds no engine's library"
+    assert {"pyyaml", "pydantic", "pydantic-settings", "numpy"} <= set(pins("bootstrap.txt"))
+    hf = pins("transformers.txt")
+    assert {"transformers", "safetensors", "tokenizers"} <= set(hf) and "torch" not in hf
+    assert not set(hf) & set(core), "an extra's file holds only what the core does not pin"
+    llama = _read(cpu_archive, f"{root}/requirements/llamacpp.txt").decode()
+    assert "llama-cpp-python" in llama and "torch" not in llama
+    index = json.loads(_read(cpu_archive, f"{root}/requirements/index.json"))
+    assert index["extras"]["transformers"] == {"file": "transformers.txt", "torch": True, "llama_cpp": False}
+    assert index["extras"]["llamacpp"]["llama_cpp"] and not index["extras"]["llamacpp"]["torch"]
+    assert "dev" not in index["extras"], "test tools are never installed by the launcher"
     torch_cpu = _read(cpu_archive, f"{root}/requirements/torch-cpu.txt").decode()
     assert "+cpu" in torch_cpu and "download.pytorch.org/whl/cpu" in torch_cpu
     torch_cuda = _read(cpu_archive, f"{root}/requirements/torch-cuda.txt").decode()
@@ -222,10 +256,14 @@ def test_source_requirements_match_pyproject_on_every_python(monkeypatch):
     fallback = reqfiles.read_pyproject(root)
     assert fallback["version"] == project["version"]
     assert fallback["dependencies"] == project["dependencies"]
-    for extra in ("llamacpp", "modelscope"):
-        assert fallback["optional-dependencies"][extra] == project["optional-dependencies"][extra]
+    assert fallback["optional-dependencies"] == project["optional-dependencies"]
     assert reqfiles.source_requirement_files(root) == with_tomllib
     names = {reqfiles.requirement_name(line) for line in with_tomllib["base.txt"].splitlines() if not line.startswith("#")}
     assert "torch" not in names and "llama-cpp-python" not in names and "gradio" in names
     assert "llama-cpp-python>=" in with_tomllib["llamacpp.txt"]
+    hf = {reqfiles.requirement_name(line) for line in with_tomllib["transformers.txt"].splitlines() if not line.startswith("#")}
+    assert "transformers" in hf and "torch" not in hf, "torch is a step of its own"
     assert f"--extra-index-url {reqfiles.CPU_TORCH_INDEX}" in with_tomllib["torch-cpu.txt"]
+    index = json.loads(with_tomllib["index.json"])
+    assert set(index["extras"]) == set(project["optional-dependencies"]) - {"dev"}
+    assert index["extras"]["transformers"]["torch"] and index["extras"]["llamacpp"]["llama_cpp"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,25 +66,34 @@ def _extract(archive: Path, dest: Path) -> Path:
     return app
 
 
+def _server_pids(app: Path) -> list[int]:
+    """The pids recorded for the app folder's servers (run/server-<port>.json), by port."""
+    pids = []
+    for record in sorted((app / "run").glob("server-*.json")):
+        try:
+            pids.append(int(json.loads(record.read_text())["pid"]))
+        except (OSError, ValueError, KeyError):
+            pass
+    return pids
+
+
 def _server_pid(app: Path) -> int | None:
-    try:
-        return int(json.loads((app / "run" / "server.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
+    pids = _server_pids(app)
+    assert len(pids) <= 1, pids
+    return pids[0] if pids else None
 
 
 def _force_stop(app: Path) -> None:
-    """Whatever happened in the test: stop the script's server (stop, then SIGKILL as a last resort)."""
+    """Whatever happened in the test: stop the script's servers (stop, then SIGKILL as a last resort)."""
     try:
         _run(app, "stop", timeout=150)
     except subprocess.TimeoutExpired:
         pass
-    pid = _server_pid(app)
-    if pid:
+    for pid in _server_pids(app):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            return
+            continue
         if b"serve" in cmd:
             os.kill(pid, signal.SIGKILL)
 
@@ -219,31 +229,60 @@ def _torch_only_platform(root: Path) -> Path:
     return python
 
 
-def test_oneclick_offline_from_wheelhouse(tiny_model_dir: Path, tmp_path: Path) -> None:
+def _start(app: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(app / SCRIPT), *args], cwd=app, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_launches_at_once_offline_from_wheelhouse(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A fresh bundle folder with a wheelhouse, a platform Python that has only torch, no index, and
+    two launches started together on two ports (two terminals, a notebook cell run twice): one
+    installs everything from wheels/, the other waits for it, reuses that install, and both serve."""
     archive = build(target="cpu", out_dir=tmp_path / "dist", wheelhouse="app").archive
     app = _extract(archive, tmp_path / "extracted")
     assert any((app / "wheels").glob("gradio-*.whl"))
     platform_python = _torch_only_platform(tmp_path)
-    port = _free_port()
+    ports = [_free_port(), _free_port()]
     # No index at all: a closed port, no find-links, no pip configuration files.
     env = _env(VT_PYTHON=str(platform_python), PIP_INDEX_URL=f"http://127.0.0.1:{_closed_port()}/simple",
                PIP_CONFIG_FILE=os.devnull)
     env.pop("PIP_FIND_LINKS", None)
     env.pop("PIP_EXTRA_INDEX_URL", None)
+    procs = [_start(app, "--daemon", "--offline", "--backend", "transformers", "--model", str(tiny_model_dir),
+                    "--host", "127.0.0.1", "--port", str(port), env=env) for port in ports]
     try:
-        run = _run(app, "--daemon", "--offline", "--backend", "transformers", "--model", str(tiny_model_dir),
-                   "--host", "127.0.0.1", "--port", str(port), env=env)
-        out = run.stdout
-        assert run.returncode == 0, out
+        outs = [proc.communicate(timeout=900)[0] for proc in procs]
+        for proc, out in zip(procs, outs):
+            assert proc.returncode == 0, out
+            assert "/health → 200" in out and "服务已就绪 / Server ready" in out, out
+        installer = next(i for i, out in enumerate(outs) if "venv created" in out)
+        waiter = 1 - installer
+        out, other = outs[installer], outs[waiter]
         assert "reusing the platform's torch" in out
         assert "bootstrap: from wheels/ (offline)" in out and "app: from wheels/ (offline)" in out, out
+        assert "transformers: from wheels/ (offline)" in out, out
+        # The second launch waited for the first, named it, and installed nothing itself.
+        assert f"another launch is installing (pid {procs[installer].pid}), waiting…" in other, other
+        assert "跳过安装 / dependencies already installed, skipping install" in other, other
+        assert "venv created" not in other and "  → " not in other, other
         (venv_site,) = (app / ".venv").glob("lib/python3*/site-packages")
         assert (venv_site / "gradio").is_dir() and (venv_site / "transformers").is_dir(), "installed into the app's venv"
         assert not (venv_site / "torch").exists(), "torch is reused, not installed"
-        updates, text = _ask(f"http://127.0.0.1:{port}/")
+        assert json.loads((app / "run" / "install.lock").read_text())["released"] is True
+        for port in ports:
+            assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        assert sorted(_server_pids(app)) == sorted(proc.pid for proc in procs)
+        updates, text = _ask(f"http://127.0.0.1:{ports[waiter]}/")
         assert updates >= 2 and "\\\\boxed{4}" in text, text
-        assert _run(app, "stop", env=env).returncode == 0
+        status = _run(app, "status", env=env)
+        assert status.returncode == 0 and all(f"127.0.0.1:{port}" in status.stdout for port in ports), status.stdout
+        stop = _run(app, "stop", env=env)
+        assert stop.returncode == 0 and stop.stdout.count("已停止 / stopped") == 2, stop.stdout
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         _force_stop(app)
 
 
@@ -359,8 +398,38 @@ def test_doctor_starts_nothing(shared_app: Path, tiny_model_dir: Path) -> None:
     port = _free_port()
     run = _run(shared_app, "doctor", "--model", str(tiny_model_dir), "--backend", "transformers", "--port", str(port))
     assert "doctor" in run.stdout and "GPU:" in run.stdout and "disk" in run.stdout
-    assert f'"port": {port}' in run.stdout, run.stdout
+    # The effective configuration, through `python -m ui config`: value and origin of every key.
+    assert re.search(rf"server\.port +?= {port}   # command-line flag", run.stdout), run.stdout
+    assert re.search(r'backend +?= "transformers"   # command-line flag', run.stdout), run.stdout
+    from backends import registry
+
+    for spec in registry.engines().values():  # the registered engines, listed from the registry
+        assert re.search(rf"{spec.name} +{re.escape(spec.summary)}", run.stdout), spec.name
     assert _server_pid(shared_app) is None
+
+
+def test_doctor_reports_a_plugin_engine(shared_app: Path) -> None:
+    """An engine added in one file outside the app (VT_ENGINE_MODULES + the user's PYTHONPATH) is
+    listed, accepted by --backend and checked by doctor: it needs no model folder."""
+    plugin = _env(VT_ENGINE_MODULES="helpers.echo_engine", PYTHONPATH=str(Path(__file__).resolve().parent))
+    run = _run(shared_app, "doctor", "--backend", "echo", "--port", str(_free_port()), env=plugin)
+    out = run.stdout
+    assert "echo          repeats the question" in out and "[plugin: helpers.echo_engine]" in out, out
+    assert "engines echo (backend: echo); extras: none (the core only); torch: not needed" in out, out
+    assert "model echo: 无需本地模型 / needs no local model folder" in out, out
+    assert "模型文件夹" not in out and "Model folder" not in out, "no model-folder problem"
+    assert re.search(r'backend +?= "echo"   # command-line flag', out), out
+    assert "# backend: echo (as configured) → echo: repeats the question" in out, out
+    helped = _run(shared_app, "--help", env=plugin)
+    assert helped.returncode == 0 and "[plugin: helpers.echo_engine]" in helped.stdout, helped.stdout
+    # Without the plugin the schema refuses the name, listing the registered engines, before any install.
+    refused = _run(shared_app, "--daemon", "--backend", "echo", "--port", str(_free_port()))
+    assert refused.returncode == 2, refused.stdout
+    assert "配置无效 / Invalid configuration" in refused.stdout and "backend = 'echo' (from command-line flag)" in refused.stdout
+    assert "allowed: auto, transformers, llamacpp" in refused.stdout and "【2/5】" not in refused.stdout
+    broken = _run(shared_app, "doctor", env=_env(VT_ENGINE_MODULES="no_such_engine_module"))
+    assert broken.returncode == 1 and "引擎模块无法加载 / An engine module cannot be loaded" in broken.stdout
+    assert "no_such_engine_module" in broken.stdout and "VT_ENGINE_MODULES" in broken.stdout
 
 
 def _bare_platform(root: Path) -> Path:
@@ -377,7 +446,9 @@ def test_pip_index_unreachable(archive: Path, tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout
     assert "无法连接 pip 源 / pip index unreachable" in run.stdout and url in run.stdout
     assert "PIP_INDEX_URL=" in run.stdout and "install.index_url" in run.stdout
-    assert not list((app / ".venv").glob(".vt-install-stamp*")), "no stamp for an unfinished install"
+    assert "step 'bootstrap'" in run.stdout, "the first step installs what reads the manifest"
+    for env_dir in (app / ".venv", app / "run" / "launcher-env"):
+        assert not list(env_dir.glob(".vt-install-stamp*")), "no stamp for an unfinished install"
 
 
 def test_interrupted_install_resumes(archive: Path, tmp_path: Path) -> None:
@@ -408,12 +479,130 @@ def test_interrupted_install_resumes(archive: Path, tmp_path: Path) -> None:
     out = "".join(lines) + rest
     assert proc.returncode == 130, out
     assert "安装被中断 / Install interrupted" in out and "rerun" in out
-    assert (app / ".venv" / "bin" / "python").exists() and not (app / ".venv" / ".vt-creating").exists()
+    launcher_env = app / "run" / "launcher-env"  # where the libraries that read the manifest go first
+    assert (launcher_env / "bin" / "python").exists() and not (launcher_env / ".vt-creating").exists()
+    assert json.loads((app / "run" / "install.lock").read_text())["released"] is True
     # The rerun keeps the venv and resumes at the same step (here it then meets a closed index).
     env["PIP_INDEX_URL"] = f"http://127.0.0.1:{_closed_port()}/simple"
     again = _run(app, "--daemon", "--port", str(_free_port()), env=env, timeout=300)
     assert "venv created" not in again.stdout and "→ bootstrap" in again.stdout, again.stdout
     assert "pip index unreachable" in again.stdout
+
+
+def _launcher_children(app: Path) -> list[int]:
+    """Processes still running something from the app folder's environments (pip, venv)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(app).encode() in cmd and b"pip" in cmd:
+                found.append(int(proc.name))
+    return found
+
+
+def test_killed_launch_leaves_a_lock_the_next_takes_over(archive: Path, tmp_path: Path) -> None:
+    """A launch killed outright (SIGKILL: no cleanup) in the middle of its install leaves the lock
+    file naming it; its pip dies with it; the next launch takes the lock over and resumes."""
+    app = _extract(archive, tmp_path / "extracted")
+    env = _env(VT_PYTHON=str(_bare_platform(tmp_path)), PIP_CONFIG_FILE=os.devnull, VT_INDEX_TIMEOUT="120")
+    env.pop("PIP_FIND_LINKS", None)
+    with socket.socket() as silent:  # an index that accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env["PIP_INDEX_URL"] = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+        proc = _start(app, "--daemon", "--port", str(_free_port()), env=env)
+        try:
+            lines = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "→ bootstrap" in line:
+                    break
+            assert any("→ bootstrap" in line for line in lines), "".join(lines)
+            info = json.loads((app / "run" / "install.lock").read_text())
+            assert info["pid"] == proc.pid and "bootstrap" in info["step"], info
+            proc.kill()
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + 30
+        while _launcher_children(app) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _launcher_children(app) == [], "pip must not keep writing after its launch was killed"
+    assert json.loads((app / "run" / "install.lock").read_text())["pid"] == proc.pid, "the lock file names the dead launch"
+    env["PIP_INDEX_URL"] = f"http://127.0.0.1:{_closed_port()}/simple"
+    again = _start(app, "--daemon", "--port", str(_free_port()), env=env)
+    out = again.communicate(timeout=300)[0]
+    assert f"taking over the install lock left by a launch that died during its install (pid {proc.pid}" in out, out
+    assert "waiting" not in out, "a dead launch's lock is not waited for"
+    assert "→ bootstrap" in out and "pip index unreachable" in out, out
+    info = json.loads((app / "run" / "install.lock").read_text())
+    assert info["pid"] == again.pid and info["released"] is True
+
+
+def _python_without_venv_support(root: Path) -> Path:
+    """This Python with its standard library minus ensurepip — what Debian/Ubuntu's python3.X is
+    without the python3.X-venv package: it runs, but `python -m venv` cannot install pip."""
+    base = Path(sys.base_prefix)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (root / "bin").mkdir(parents=True)
+    stdlib = root / "lib" / version
+    stdlib.mkdir(parents=True)
+    shutil.copy2(Path(sys._base_executable).resolve(), root / "bin" / version)  # type: ignore[attr-defined]
+    for lib in (base / "lib").glob("libpython*.so*"):
+        (root / "lib" / lib.name).symlink_to(lib)
+    for entry in (base / "lib" / version).iterdir():
+        if entry.name not in ("ensurepip", "site-packages", "dist-packages"):
+            (stdlib / entry.name).symlink_to(entry)
+    (stdlib / "site-packages").mkdir()
+    python = root / "bin" / version
+    probe = subprocess.run([str(python), "-c", "import sys, json, fcntl; print(sys.prefix)"], capture_output=True,
+                           text=True, env=_env())
+    assert probe.returncode == 0 and probe.stdout.strip() == str(root), probe.stdout + probe.stderr
+    assert subprocess.run([str(python), "-c", "import ensurepip"], capture_output=True).returncode != 0
+    return python
+
+
+def test_no_venv_support_message_is_unchanged(archive: Path, tmp_path: Path) -> None:
+    """A Python without venv support gets the same message as before: install python3.X-venv."""
+    app = _extract(archive, tmp_path / "extracted")
+    python = _python_without_venv_support(tmp_path / "debian-python")
+    run = _run(app, "--daemon", "--port", str(_free_port()), env=_env(VT_PYTHON=str(python)), timeout=300)
+    assert run.returncode == 1, run.stdout
+    venv = app / "run" / "launcher-env"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert f"✖ 无法创建虚拟环境 / Cannot create the virtual environment {venv}: " in run.stdout, run.stdout
+    assert "ensurepip" in run.stdout, "the detail names what failed"
+    assert (f"  修复 / Fix: apt-get install -y python{ver}-venv (Debian/Ubuntu), or use conda "
+            f"(conda create -y -p {app / '.conda-py311'} python=3.11), then rerun.") in run.stdout, run.stdout
+    assert "another launch" not in run.stdout and "disk" not in run.stdout.split("Cannot create")[1]
+    assert not venv.exists(), "the half-made venv of this launch is removed"
+
+
+def test_half_created_venv_is_left_to_its_live_owner(tmp_path: Path) -> None:
+    """A venv marked as being made by a live launch is never deleted; one whose maker died is redone."""
+    from bundle.launcher.output import Stop
+    from bundle.launcher.venv import CREATING_MARK, ensure_venv
+
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (venv / CREATING_MARK).write_text(str(owner.pid))
+        (venv / "half").write_text("made by the other launch")
+        with pytest.raises(Stop, match=f"being created by another launch \\(pid {owner.pid}\\)"):
+            ensure_venv(venv, reuse_platform=False, app_dir=tmp_path, log=tmp_path / "venv.log")
+        assert (venv / "half").exists(), "a live launch's venv is not touched"
+    finally:
+        owner.kill()
+        owner.wait()
+    ensure_venv(venv, reuse_platform=False, app_dir=tmp_path, log=tmp_path / "venv.log")
+    assert (venv / "bin" / "python").exists() and not (venv / "half").exists() and not (venv / CREATING_MARK).exists()
 
 
 def test_readme_troubleshooting_matches_the_messages() -> None:
@@ -423,8 +612,9 @@ def test_readme_troubleshooting_matches_the_messages() -> None:
     table = readme[readme.index("| message (中文 / English) | fix |"):]
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
     assert len(rows) >= 15
-    code = "".join((root / p).read_text(encoding="utf-8")
-                   for p in ("bundle/oneclick.py", "scripts/1键推理.sh", "backends/fetch.py"))
+    sources = [*sorted((root / "bundle" / "launcher").glob("*.py")), root / "scripts" / "1键推理.sh",
+               root / "backends" / "models" / "fetch.py"]
+    code = "".join(p.read_text(encoding="utf-8") for p in sources)
     code = code.replace("${MIN_MAJOR}.${MIN_MINOR}", "3.10")
     for row in rows:
         message = row.split("|")[1].strip()
