@@ -71,3 +71,44 @@ def test_the_plugin_engine_serves_the_page_and_the_api():
         job = Client(srv.url, verbose=False).submit("What is 2+2?", api_name="/chat")
         chat, stats, _ = job.result(timeout=60)
         assert "\\boxed{12}" in str(chat[-1]["content"]) and "finish: stop" in stats
+
+
+def test_registry_loads_with_only_the_launchers_bootstrap_libraries() -> None:
+    """The launcher asks the registry (bundle.resolve) in an environment that holds only
+    bundle/reqfiles.py's BOOTSTRAP: an engine module must not import anything else at import time."""
+    from bundle.reqfiles import BOOTSTRAP
+
+    probe = f"""
+import importlib.abc, importlib.metadata, re, sys, sysconfig
+stdlib = sysconfig.get_paths()["stdlib"]
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+dists = {{norm(d) for d in {list(BOOTSTRAP)!r}}}
+allowed = {{top for top, owners in importlib.metadata.packages_distributions().items()
+           if any(norm(o) in dists for o in owners) and not top.startswith("_")}}
+# What the allowed packages themselves pull in (pydantic -> typing_extensions, dotenv …) is theirs.
+for name in allowed:
+    __import__(name)
+base = set(sys.modules)
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in base or top in allowed or top in sys.builtin_module_names or top == "backends":
+            return None
+        for finder in sys.meta_path[1:]:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        origin = spec.origin or ""
+        if origin.startswith(stdlib) and "site-packages" not in origin or origin in ("built-in", "frozen"):
+            return None
+        raise ImportError(f"engine import pulled in {{name}} ({{origin}})")
+sys.meta_path.insert(0, Block())
+from backends import registry
+print(sorted(registry.engines()))
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "llamacpp" in proc.stdout and "transformers" in proc.stdout

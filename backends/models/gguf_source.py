@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
 
 from ..base import ProgressCallback
 from .checks import ModelFolder, check_gguf_file, inspect_model_folder, require_gguf
@@ -177,6 +176,10 @@ def ensure_gguf(manifest: Manifest, progress: ProgressCallback | None = None, *,
     src = plan.convert_from
     log.info("llama.cpp model: %s", plan.why)
     # Two processes converting the same checkpoint take turns (filelock: released if one dies).
+    # Imported here: the registry imports every engine module in the launcher's bootstrap
+    # environment, which has only the schema's libraries (bundle/reqfiles.py BOOTSTRAP).
+    from filelock import FileLock
+
     with FileLock(out.parent / f".{out.name}.lock"):
         # Another process may have finished the same conversion while we waited for the lock.
         current, _ = conversion_is_current(src, out, plan.quant)
