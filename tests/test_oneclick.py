@@ -271,7 +271,11 @@ def test_two_launches_at_once_offline_from_wheelhouse(tiny_model_dir: Path, tmp_
         assert json.loads((app / "run" / "install.lock").read_text())["released"] is True
         for port in ports:
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-        assert sorted(_server_pids(app)) == sorted(proc.pid for proc in procs)
+        # One server per port, each its own live `python -m ui serve` (daemons: not the launchers' pids).
+        records = {json.loads(r.read_text())["pid"]: r.name for r in (app / "run").glob("server-*.json")}
+        assert sorted(records.values()) == sorted(f"server-{port}.json" for port in ports), records
+        for pid in records:
+            assert b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
         updates, text = _ask(f"http://127.0.0.1:{ports[waiter]}/")
         assert updates >= 2 and "\\\\boxed{4}" in text, text
         status = _run(app, "status", env=env)
@@ -430,6 +434,20 @@ def test_doctor_reports_a_plugin_engine(shared_app: Path) -> None:
     broken = _run(shared_app, "doctor", env=_env(VT_ENGINE_MODULES="no_such_engine_module"))
     assert broken.returncode == 1 and "引擎模块无法加载 / An engine module cannot be loaded" in broken.stdout
     assert "no_such_engine_module" in broken.stdout and "VT_ENGINE_MODULES" in broken.stdout
+
+
+def test_remote_backend_plans_a_lean_install(shared_app: Path) -> None:
+    """--backend remote (issue 12): no torch, no llama.cpp in the install plan, no model folder, and
+    --set reaches the schema (the upstream's address shows as a command-line flag)."""
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    run = _run(shared_app, "doctor", "--backend", "remote", "--set", f"remote.base_url={url}",
+               "--port", str(_free_port()))
+    out = run.stdout
+    assert "engines remote (backend: remote); extras: remote; torch: not needed / 不需要; llama.cpp: none" in out, out
+    assert "model remote: 无需本地模型 / needs no local model folder" in out, out
+    assert re.search(rf'remote\.base_url +?= "{re.escape(url)}"   # command-line flag', out), out
+    bad = _run(shared_app, "doctor", "--set", "remote.base_url")
+    assert bad.returncode == 1 and "expected KEY=VALUE" in bad.stdout, bad.stdout
 
 
 def _bare_platform(root: Path) -> Path:

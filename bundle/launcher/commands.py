@@ -221,6 +221,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--daemon", action="store_true")
     p.add_argument("--offline", action="store_true")
     p.add_argument("--llama-cpu", action="store_true", dest="llama_cpu")
+    # Any manifest key, as `python -m ui serve --set` takes it (e.g. remote.base_url for --backend remote).
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
 
     def error(message: str) -> NoReturn:
         raise Stop(f"✖ 参数错误 / bad argument: {message}. 查看全部参数 / all options: bash 1键推理.sh --help", 2)

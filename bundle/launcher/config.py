@@ -46,6 +46,8 @@ def config_flags(app: App) -> list[str]:
     for attr, key in SET_KEYS.items():
         if getattr(a, attr) is not None:
             flags += ["--set", f"{key}={getattr(a, attr)}"]
+    for item in a.sets:
+        flags += ["--set", item]
     return flags
 
 

@@ -34,6 +34,7 @@ USAGE = """\
   --index-url URL       pip 镜像 / pip mirror                                                   [install.index_url]
   --offline             只用 wheels/ 安装, 不下载模型 / install from wheels/ only, never download
   --llama-cpu           有 GPU 也编译 CPU 版 llama.cpp / build llama.cpp for the CPU even with a GPU
+  --set KEY=VALUE       任意配置键 / any manifest key, e.g. --set remote.base_url=http://127.0.0.1:8000/v1 (repeatable)
   --daemon              后台运行, 日志 logs/server-<port>.log, pid run/server-<port>.json / run in the background
   -h, --help            显示本帮助 / show this help
 
@@ -50,6 +51,7 @@ USAGE = """\
 示例 / Examples:
   bash 1键推理.sh                                   # ModelArts: then click 网页推理
   bash 1键推理.sh --model /root/models/vibethinker-gguf --port 8081
+  bash 1键推理.sh --backend remote --set remote.base_url=http://127.0.0.1:8000/v1   # 在 vLLM 前面 / in front of vLLM
   VT_PORT=8081 bash 1键推理.sh --daemon && bash 1键推理.sh status && bash 1键推理.sh stop
 """
 
