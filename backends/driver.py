@@ -182,6 +182,12 @@ class EngineBackend(Backend):
         state: _RequestState | None = getattr(self._current, "state", None)
         return state is not None and state.cancelled.is_set()
 
+    def cancel_check(self) -> Callable[[], bool]:
+        """Inside ``decode_loop``: a test of the current request's cancel flag that works from any
+        thread (for an engine whose own scheduler thread decodes the sequence)."""
+        state: _RequestState | None = getattr(self._current, "state", None)
+        return state.cancelled.is_set if state is not None else (lambda: False)
+
     def current_sequence(self) -> SequenceInfo | None:
         """Inside ``decode_loop``: the request and sample being decoded."""
         return getattr(self._current, "sequence", None)

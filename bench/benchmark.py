@@ -45,6 +45,10 @@ TARGET_BACKEND_VS_BARE = 0.97  # our backend within 3 % of the bare library
 TARGET_HTTP_VS_BACKEND = 0.95  # the HTTP stream within 5 % of the backend
 TARGET_Q8_ROOFLINE = 0.60  # llama.cpp Q8_0 on the CPU: ≥ 60 % of the memory-bandwidth roofline
 TARGET_STREAM_TOK_S = 500.0  # the SSE path keeps up with a 500 tok/s producer
+# Many sequences on llama.cpp (issue 11), CPU: aggregate decode at 4 and 8 streams vs one stream.
+TARGET_LLAMA_4_STREAMS = 2.0
+TARGET_LLAMA_8_STREAMS = 2.5
+SAMPLES_N = 8  # n samples of one prompt: the prompt is evaluated once
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Plan:
     concurrency_engines: list[str]
     stream_tokens: int
     worker_timeout_s: float
+    samples_new_tokens: int = 16
+    samples_prompt_tokens: int = 512
     paths: tuple[str, ...] = ("bare", "backend", "http")
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -72,7 +78,7 @@ def make_plan(quick: bool, device: str, engines: list[str] | None = None) -> Pla
     if device == "cuda":
         plan = Plan(quick=quick, device=device, prompt_tokens=256 if quick else 512,
                     new_tokens_hf=128 if quick else 256, new_tokens_llama=128 if quick else 256,
-                    repeats=3, warmup=2, users=[1, 4, 8],
+                    repeats=3, warmup=2, users=[1, 2, 4, 8],
                     engines=["transformers-float16", "transformers-float16-static-compile", "llamacpp-F16",
                              "llamacpp-Q8_0", "llamacpp-Q4_K_M"],
                     concurrency_engines=["transformers-float16", "llamacpp-Q4_K_M"],
@@ -80,19 +86,17 @@ def make_plan(quick: bool, device: str, engines: list[str] | None = None) -> Pla
         plan.skipped["transformers bfloat16/float32 on the GPU"] = "float16 is the GPU default (works on T4/V100)"
     elif quick:
         plan = Plan(quick=True, device=device, prompt_tokens=64, new_tokens_hf=32, new_tokens_llama=64,
-                    repeats=3, warmup=1, users=[1, 4, 8],
+                    repeats=3, warmup=1, users=[1, 2, 4, 8],
                     engines=["transformers-float32", "transformers-bfloat16", "llamacpp-Q8_0", "llamacpp-Q4_K_M"],
-                    concurrency_engines=["llamacpp-Q4_K_M"], stream_tokens=1000, worker_timeout_s=300)
+                    concurrency_engines=["llamacpp-Q8_0", "transformers-bfloat16"], stream_tokens=1000,
+                    worker_timeout_s=300)
         plan.skipped["llamacpp-F16"] = "quick mode: F16 on the CPU is slower than Q8_0 and not a CPU default"
-        plan.skipped["concurrency on transformers"] = (
-            "quick mode: 13 replies at ~3-5 tok/s would take minutes; the fair queue is shared code"
-        )
     else:
         plan = Plan(quick=False, device=device, prompt_tokens=512, new_tokens_hf=128, new_tokens_llama=256,
-                    repeats=5, warmup=1, users=[1, 4, 8],
+                    repeats=5, warmup=1, users=[1, 2, 4, 8],
                     engines=["transformers-float32", "transformers-bfloat16", "llamacpp-F16", "llamacpp-Q8_0",
                              "llamacpp-Q4_K_M"],
-                    concurrency_engines=["llamacpp-Q4_K_M", "transformers-bfloat16"], stream_tokens=2000,
+                    concurrency_engines=["llamacpp-Q8_0", "transformers-bfloat16"], stream_tokens=2000,
                     worker_timeout_s=1800)
     if engines:
         plan.engines = [e for e in plan.engines if e in engines] or engines
@@ -265,7 +269,17 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def check_targets(plan: Plan, comparisons: list[dict], roof: list[dict], stream: dict | None) -> list[dict[str, str]]:
+def streams_speedup(conc: dict[str, Any], users: int) -> float | None:
+    """Aggregate decode at ``users`` streams ÷ one stream's, from one server in one run."""
+    levels = {lv["users"]: lv for lv in conc.get("levels", [])}
+    one, many = levels.get(1), levels.get(users)
+    if not one or not many or not one["aggregate_tok_s"] or many["errors"]:
+        return None
+    return many["aggregate_tok_s"] / one["aggregate_tok_s"]
+
+
+def check_targets(plan: Plan, comparisons: list[dict], roof: list[dict], stream: dict | None,
+                  concurrency: list[dict] | None = None, samples: list[dict] | None = None) -> list[dict[str, str]]:
     targets = []
 
     def verdict(name: str, goal: str, ok: bool | None, measured: str, lever: str) -> None:
@@ -303,6 +317,31 @@ def check_targets(plan: Plan, comparisons: list[dict], roof: list[dict], stream:
                 f"{_pct(q8['bare_fraction'])} (backend {_pct(q8['backend_fraction'])})",
                 "threads = physical cores, check the Q8_0 kernels used (AVX2/AVX512), fewer threads if "
                 "memory-bound")
+    llama_conc = next((c for c in concurrency or [] if c["engine"].startswith("llamacpp") and not c.get("skipped")),
+                      None)
+    for users, goal in ((4, TARGET_LLAMA_4_STREAMS), (8, TARGET_LLAMA_8_STREAMS)):
+        name = f"llama.cpp {users} streams ≥ {goal:g}× one stream"
+        speedup = streams_speedup(llama_conc, users) if llama_conc else None
+        if plan.device != "cpu":
+            verdict(name, "CPU goal", None, "GPU run: see the many-users table", "")
+        elif speedup is None:
+            verdict(name, f"aggregate decode tok/s at {users} streams ÷ at 1", None, "not measured", "")
+        else:
+            verdict(name, f"aggregate decode tok/s at {users} streams ÷ at 1", speedup >= goal,
+                    f"{llama_conc['engine']}: {speedup:.2f}×",
+                    "the step is compute-bound once the weights are read once per step: fewer threads per "
+                    "matmul, a smaller quant (Q4_K_M), or a GPU")
+    llama_samples = next((x for x in samples or [] if x["engine"].startswith("llamacpp") and len(x["runs"]) == 2),
+                         None)
+    if llama_samples:
+        one, many = llama_samples["runs"]
+        extra = many["evaluated_prompt_tokens"] - one["evaluated_prompt_tokens"]
+        verdict(f"{many['n']} samples cost one prefill", "prompt tokens evaluated for n samples ≤ one prompt + n",
+                extra <= many["n"],
+                f"{llama_samples['engine']}: n=1 evaluated {one['evaluated_prompt_tokens']}, n={many['n']} evaluated "
+                f"{many['evaluated_prompt_tokens']} prompt tokens; first token {one['first_token_s']:.2f} s vs all "
+                f"{many['n']} first tokens in {many['all_first_tokens_s']:.2f} s",
+                "share the prompt's cells before the first sample finishes its prefill")
     if stream and "median" in stream:
         m = stream["median"]
         delivered, produced = m["delivered_tok_s"], m["produced_tok_s"]
@@ -389,7 +428,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if conc.get("skipped"):
             lines.append(f"- {conc['engine']}: skipped: {conc['skipped']}")
             continue
-        lines += [f"{conc['engine']}, server.concurrency {conc['server_concurrency']} (the backend's fair queue), "
+        lines += [f"{conc['engine']}, server.concurrency {conc['server_concurrency']} (decoded together), "
                   f"{conc['new_tokens']} new tokens each, peak RSS {_gib(conc.get('peak_rss_bytes', 0))} GiB:", "",
                   "| users | per-user decode tok/s | per-user TTFT s (median) | max TTFT s | aggregate tok/s | "
                   "wall s | errors |", "|---|---|---|---|---|---|---|"]
@@ -397,6 +436,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {lv['users']} | {_f(lv['per_user_decode_tok_s'])} | {_f(lv['per_user_ttft_s'], 3)} | "
                          f"{_f(lv['max_ttft_s'], 3)} | {_f(lv['aggregate_tok_s'])} | {_f(lv['wall_s'], 1)} | "
                          f"{len(lv['errors'])} |")
+        lines.append("")
+    if report.get("samples"):
+        lines += [f"## n samples of one prompt (in-process backend, server.concurrency {SAMPLES_N})", "",
+                  "| engine | n | prompt tokens | evaluated prompt tokens | first token s | all samples' first token s "
+                  "| total s |", "|---|---|---|---|---|---|---|"]
+        for x in report["samples"]:
+            if x.get("skipped"):
+                lines.append(f"| {x['engine']} | skipped: {x['skipped']} | | | | | |")
+                continue
+            for r in x["runs"]:
+                evaluated = "not counted" if r["evaluated_prompt_tokens"] is None else r["evaluated_prompt_tokens"]
+                lines.append(f"| {x['engine']} | {r['n']} | {r['prompt_tokens']} | {evaluated} | "
+                             f"{_f(r['first_token_s'], 2)} | {_f(r['all_first_tokens_s'], 2)} | {_f(r['total_s'], 1)} |")
         lines.append("")
     st = report.get("stream_rate") or {}
     lines += ["## Fast stream through the SSE path (tiny model)", ""]
@@ -461,11 +513,25 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
         new = min(plan.new_tokens(name), 32) if plan.device == "cpu" else plan.new_tokens(name)
         say(f"[bench] many users on {name}: {plan.users} streams x {new} tokens")
         try:
-            conc = bench_http.measure_concurrency(specs[name], prompts, new, sampling, plan.users, log_dir=log_dir)
+            # server.concurrency = the most users: the engine decodes them all together
+            # (llamacpp.parallel: auto and transformers.batching: auto follow it).
+            conc = bench_http.measure_concurrency(specs[name], prompts, new, sampling, plan.users,
+                                                  concurrency=max(plan.users), log_dir=log_dir)
             conc["new_tokens"] = new
         except Exception as exc:  # noqa: BLE001
             conc = {"engine": name, "skipped": f"{type(exc).__name__}: {str(exc)[-300:]}"}
         concurrency.append(conc)
+    samples = []
+    sample_prompts = make_prompts(str(hf), plan.samples_prompt_tokens, 3) if plan.concurrency_engines else []
+    for name in plan.concurrency_engines:
+        if name not in specs:
+            continue
+        say(f"[bench] {SAMPLES_N} samples of one {plan.samples_prompt_tokens}-token prompt on {name}")
+        job = {"spec": dataclasses.asdict(specs[name]), "path": "samples", "prompts": sample_prompts,
+               "new_tokens": plan.samples_new_tokens, "sampling": dataclasses.asdict(sampling), "n": SAMPLES_N}
+        result = run_in_worker(job, plan.worker_timeout_s)
+        samples.append({"engine": name, "skipped": result.skipped, "runs": result.info.get("samples", []),
+                        "peak_rss_bytes": result.peak_rss_bytes})
     if plan.stream_tokens > 0:
         say("[bench] fast stream through SSE (tiny model)")
         stream = stream_rate(plan, tiny_folder or bench_models.hf_model("tiny", cache), sampling, log_dir)
@@ -473,7 +539,7 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
         stream = {"skipped": "not asked for (stream_tokens = 0)"}
     comparisons = compare(results)
     roof = roofline(specs, results, bandwidth.get("copy_gb_s_all_threads", 0.0), plan.prompt_tokens, plan)
-    targets = check_targets(plan, comparisons, roof, stream)
+    targets = check_targets(plan, comparisons, roof, stream, concurrency, samples)
     report = {
         "command": command,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -485,6 +551,7 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
         "ratios": comparisons,
         "roofline": roof,
         "concurrency": concurrency,
+        "samples": samples,
         "stream_rate": stream,
         "targets": targets,
         "skipped": skipped,

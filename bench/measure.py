@@ -346,6 +346,44 @@ def _via_backend(spec: EngineSpec, prompts: list[dict], new_tokens: int, samplin
     backend.close()
 
 
+def _samples(spec: EngineSpec, prompts: list[dict], new_tokens: int, sampling: Sampling, warmup: int,
+             result: PathResult) -> None:
+    """One request of 1 sample, then one of ``job["n"]`` samples, each on a fresh prompt: what the
+    prompt costs (prompt tokens the engine evaluated, where it counts them) and when the samples
+    get their first token."""
+    from backends import create_backend
+    from backends.config import Manifest
+    from backends.types import ChatMessage, GenerationRequest, SamplingParams
+
+    n_most = int(result.info.pop("n"))
+    data = backend_manifest_data(spec)
+    data["server"] = {"concurrency": n_most}
+    backend = create_backend(Manifest.model_validate(data))
+    backend.load()
+    result.info["backend"] = asdict(backend.info())
+
+    def once(p: dict, n: int, count: int) -> dict[str, Any]:
+        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                max_new_tokens=count, seed=sampling.seed, thinking_budget=None, loop_guard=False)
+        messages = tuple(ChatMessage(m["role"], m["content"]) for m in p["messages"])
+        stats = getattr(backend, "batch_stats", None)
+        before = stats.prompt_tokens if stats is not None else None
+        first: dict[int, float] = {}
+        start = time.perf_counter()
+        for chunk in backend.stream(GenerationRequest(messages=messages, params=params, n=n)):
+            if (chunk.reasoning or chunk.answer) and chunk.index not in first:
+                first[chunk.index] = time.perf_counter() - start
+        total = time.perf_counter() - start
+        return {"n": n, "prompt_tokens": len(p["ids"]), "new_tokens": count,
+                "evaluated_prompt_tokens": (stats.prompt_tokens - before) if stats is not None else None,
+                "first_token_s": min(first.values(), default=0.0), "all_first_tokens_s": max(first.values(), default=0.0),
+                "total_s": total}
+
+    once(prompts[-1], 1, 4)  # warm-up
+    result.info["samples"] = [once(prompts[0], 1, new_tokens), once(prompts[1], n_most, new_tokens)]
+    backend.close()
+
+
 def run_worker(job: dict[str, Any]) -> PathResult:
     """Run one (engine, path) job: ``{"spec", "path", "prompts", "new_tokens", "sampling", "warmup"}``."""
     spec = EngineSpec(**job["spec"])
@@ -356,7 +394,11 @@ def run_worker(job: dict[str, Any]) -> PathResult:
         ("bare", "llamacpp"): _bare_llama,
         ("backend", "transformers"): _via_backend,
         ("backend", "llamacpp"): _via_backend,
+        ("samples", "transformers"): _samples,
+        ("samples", "llamacpp"): _samples,
     }[(job["path"], spec.engine)]
+    if job["path"] == "samples":
+        result.info["n"] = int(job.get("n", 8))
     runner(spec, job["prompts"], int(job["new_tokens"]), sampling, int(job.get("warmup", 1)), result)
     result.peak_rss_bytes = peak_rss_bytes()
     return result

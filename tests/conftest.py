@@ -1,6 +1,8 @@
 """Shared fixtures: tiny real models built locally (no network) and free loopback ports."""
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -28,7 +30,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny trained Qwen2 (HF safetensors + tokenizer + VibeThinker's template)."""
     from bench.synthetic import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-hf") / "vibethinker-tiny")
+    out = tmp_path_factory.mktemp("tiny-hf") / "vibethinker-tiny"
+    # VT_TEST_MODEL_CACHE=<folder>: keep the trained model between local runs (minutes each on two
+    # cores); CI leaves it unset and trains afresh. Delete the folder after changing bench/synthetic.py.
+    cache = os.environ.get("VT_TEST_MODEL_CACHE")
+    if not cache:
+        return make_tiny_model(out)
+    kept = Path(cache) / "vibethinker-tiny"
+    if not (kept.parent / "vibethinker-tiny.built").is_file():
+        shutil.rmtree(kept, ignore_errors=True)
+        make_tiny_model(kept)
+        (kept.parent / "vibethinker-tiny.built").touch()
+    shutil.copytree(kept, out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ def test_report_has_every_field(endless_tiny, tmp_path):
     plan = make_plan(quick=True, device="cpu", engines=["llamacpp-F32"])
     plan.prompt_tokens, plan.new_tokens_llama, plan.repeats, plan.warmup = 48, 24, 2, 1
     plan.users, plan.concurrency_engines, plan.stream_tokens = [1, 2], ["llamacpp-F32"], 64
+    plan.samples_prompt_tokens, plan.samples_new_tokens = 48, 4
     report = run(plan, tmp_path / "reports", tmp_path / "cache", "pytest", hf_folder=endless_tiny,
                  tiny_folder=endless_tiny)
 
@@ -80,7 +81,13 @@ def test_report_has_every_field(endless_tiny, tmp_path):
     (conc,) = report["concurrency"]
     assert [lv["users"] for lv in conc["levels"]] == [1, 2]
     assert all(lv["aggregate_tok_s"] > 0 and not lv["errors"] for lv in conc["levels"])
+    (samples,) = report["samples"]
+    one, many = samples["runs"]
+    # Each prompt is evaluated once, less the template's prefix a slot still holds from the warm-up;
+    # the other 7 samples evaluate only their prompt's last token.
+    assert (one["n"], many["n"]) == (1, 8) and 0 < one["evaluated_prompt_tokens"] <= 48
+    assert 7 < many["evaluated_prompt_tokens"] <= 48 + 7 and many["all_first_tokens_s"] > 0
     stream = report["stream_rate"]["median"]
     assert stream["delivered_tok_s"] > 0 and stream["produced_tok_s"] > 0 and stream["chunks"] > 0
     statuses = {t["target"]: t["status"] for t in report["targets"]}
-    assert len(statuses) == 4 and set(statuses.values()) <= {"PASS", "MISS", "NOT MEASURED"}
+    assert len(statuses) == 7 and set(statuses.values()) <= {"PASS", "MISS", "NOT MEASURED"}

@@ -158,7 +158,6 @@ def test_loop_guard_closes_thinking_and_the_model_answers(backend):
     assert "while thinking" in last.usage.detail
     assert reasoning.startswith("wait wait wait")
     assert "\\boxed{" in answer and last.boxed_answer is not None
-    guard = backend.manifest.generation.loop_guard
     assert last.usage.reasoning_tokens < 240  # stopped long before the trained 240 waits
 
 

@@ -46,10 +46,11 @@ def test_consensus_non_streaming_groups_equal_answers(trust_server):
     consensus = data["consensus"]
     _check_consensus(consensus, boxed, finishes)
     halves = [i for i, b in enumerate(boxed) if b in HALF]
-    winner = consensus["groups"][0]
-    # \frac{1}{2}, 0.5 and 1/2 are one answer: every half votes for it, in two forms or more.
-    assert winner["indexes"] == halves and winner["method"] == "math-verify"
-    assert len({boxed[i] for i in halves}) >= 2
+    # Each sample picks its reply by its seed, and "2" wins on some machines; whichever wins,
+    # \frac{1}{2}, 0.5 and 1/2 are one answer: one group holds every half, in two forms or more.
+    assert len({boxed[i] for i in halves}) >= 2, boxed
+    group = next(g for g in consensus["groups"] if halves[0] in g["indexes"])
+    assert group["indexes"] == halves and group["method"] == "math-verify"
     assert all(c["vibethinker"]["reasoning_tokens"] > 0 for c in data["choices"])
 
 

@@ -2,6 +2,8 @@
 
 Only loading and the engine hooks live here; queueing, the ``<think>`` split, the thinking budget,
 the loop guard and usage are the shared driver's (:class:`backends.driver.EngineBackend`).
+Decoding goes through :mod:`.llamacpp_batch` (``llamacpp.parallel`` sequences at once, continuous
+batching); the high-level ``Llama`` object only loads the weights and tokenizes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..base import ProgressCallback
 from ..models.checks import check_hf_folder, inspect_model_folder, require_gguf, verify_sha256
 from ..driver import EngineBackend
 from ..hardware import physical_cores
+from .llamacpp_batch import BatchSettings, SequenceBatcher, kv_cache_bytes
 from ..models.gguf_source import NotEnoughDisk, ensure_gguf, plan_gguf
 from ..config import Manifest
 from ..registry import AutoContext, AutoRank, EngineSpec
@@ -26,6 +29,9 @@ from ..types import BackendError, BackendInfo, ChatMessage, EngineUnavailable, L
 log = logging.getLogger(__name__)
 
 PIP_FIX = 'pip install "llama-cpp-python>=0.3.16"'
+# The high-level Llama object's own context is never decoded in (the batch engine has its own):
+# the smallest that llama.cpp accepts keeps its memory negligible.
+_TOKENIZER_CTX = 256
 # CUDA build of llama-cpp-python (compiles for several minutes; needs the CUDA toolkit's nvcc).
 PIP_CUDA_FIX = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir "llama-cpp-python>=0.3.16"'
 
@@ -141,9 +147,10 @@ class LlamaCppBackend(EngineBackend):
     name = "llamacpp"
 
     def __init__(self, manifest: Manifest, *, allow_convert: bool = True) -> None:
-        super().__init__(manifest)
+        super().__init__(manifest, capacity=manifest.llamacpp_parallel())
         self.allow_convert = allow_convert
         self._llm: Any = None
+        self._batcher: SequenceBatcher | None = None
         self._path: Path | None = None
         self._template: Any = None
         self._template_vars: dict[str, Any] = {}
@@ -190,26 +197,31 @@ class LlamaCppBackend(EngineBackend):
                        "q4_0": llama_cpp.GGML_TYPE_Q4_0}[cfg.kv_cache_type]
             if progress is not None:
                 progress(LoadProgress(0.95, f"Loading {path.name} with llama.cpp…"))
+            settings = BatchSettings(parallel=self.capacity, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch,
+                                     n_ubatch=cfg.n_ubatch, threads=threads, flash_attn=flash, kv_type=kv_type)
             with _LogCapture(llama_cpp) as capture:
+                llm = batcher = None
                 try:
                     llm = llama_cpp.Llama(
                         model_path=str(path),
                         n_gpu_layers=gpu_layers,
-                        n_ctx=cfg.n_ctx,
-                        n_batch=cfg.n_batch,
-                        n_ubatch=cfg.n_ubatch,
+                        n_ctx=_TOKENIZER_CTX,
+                        n_batch=_TOKENIZER_CTX,
                         n_threads=threads,
                         n_threads_batch=threads,
-                        flash_attn=flash,
-                        type_k=kv_type,
-                        type_v=kv_type,
                         verbose=False,
                     )
+                    if gpu_layers == 0:
+                        self._check_kv_memory(llama_cpp, llm.model, settings)
+                    batcher = SequenceBatcher(llama_cpp, llm.model, settings)
                 except (ValueError, RuntimeError, OSError) as exc:
+                    if llm is not None:
+                        llm.close()
                     said = capture.tail()
                     if "context" in str(exc):
-                        fix = ("the model loaded but its context could not be created: lower llamacpp.n_ctx "
-                               "(memory), or change llamacpp.kv_cache_type / flash_attn")
+                        fix = ("the model loaded but its context could not be created: lower llamacpp.n_ctx or "
+                               f"llamacpp.parallel (now {cfg.n_ctx} tokens × {self.capacity} sequences), or change "
+                               "llamacpp.kv_cache_type / flash_attn")
                     else:
                         fix = "the file may be corrupt or truncated: copy or convert it again"
                     raise BackendError(
@@ -217,9 +229,28 @@ class LlamaCppBackend(EngineBackend):
                         + (f" (llama.cpp says: {said})" if said else "")
                         + f"; {fix}."
                     ) from None
+            self._batcher = batcher
             self._setup(llm, llama_cpp, path, gpu_layers, threads)
             if progress is not None:
                 progress(LoadProgress(1.0, f"llama.cpp ready: {self.info().device}, {self._quant}"))
+
+    def _check_kv_memory(self, llama_cpp: Any, model: Any, settings: BatchSettings) -> None:
+        """Refuse a KV cache that cannot fit in RAM, naming the keys that size it (llama.cpp would
+        allocate it and the machine would swap or be killed)."""
+        import psutil
+
+        need = kv_cache_bytes(llama_cpp, model, settings.cells, settings.kv_type)
+        free = psutil.virtual_memory().available
+        if need > 0.9 * free:
+            cfg = self.manifest.llamacpp
+            gib = 1 << 30
+            raise BackendError(
+                f"内存不足 / Not enough memory for the KV cache: llamacpp.parallel {settings.parallel} × "
+                f"llamacpp.n_ctx {settings.n_ctx} tokens with kv_cache_type {cfg.kv_cache_type} needs "
+                f"{need / gib:.1f} GiB, and {free / gib:.1f} GiB is available. Lower llamacpp.n_ctx or "
+                "llamacpp.parallel (or server.concurrency when parallel is auto), or set llamacpp.kv_cache_type: "
+                "q8_0 (half the memory)."
+            )
 
     def _setup(self, llm: Any, llama_cpp: Any, path: Path, gpu_layers: int, threads: int) -> None:
         import gguf
@@ -229,7 +260,7 @@ class LlamaCppBackend(EngineBackend):
         meta: dict[str, str] = dict(llm.metadata)
         template_text = meta.get("tokenizer.chat_template")
         if not template_text:
-            llm.close()
+            self._close_engine(llm)
             raise BackendError(
                 f"{path} has no chat template (tokenizer.chat_template). Convert the checkpoint again with "
                 "scripts/convert_to_gguf.py, which keeps it."
@@ -251,7 +282,7 @@ class LlamaCppBackend(EngineBackend):
         self._template_vars = {"bos_token": token_text(llm.token_bos()), "eos_token": token_text(llm.token_eos())}
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self.eos_token_ids = frozenset(i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i))
-        self.context_length = int(llm.n_ctx())
+        self.context_length = self.manifest.llamacpp.n_ctx
         try:
             self._quant = gguf.LlamaFileType(int(meta.get("general.file_type", "0"))).name
             self._quant = self._quant.removeprefix("MOSTLY_").removeprefix("ALL_")
@@ -281,15 +312,28 @@ class LlamaCppBackend(EngineBackend):
             dtype=self._quant,
             context_length=self.context_length,
             reason=getattr(self, "reason", ""),
-            extra={"n_gpu_layers": self._gpu_layers, "n_threads": self._threads, "gguf": str(self._path or "")},
+            extra={"n_gpu_layers": self._gpu_layers, "n_threads": self._threads, "gguf": str(self._path or ""),
+                   "parallel": self.capacity,
+                   "batching": (f"continuous, {self.capacity} at once" if self.capacity > 1 else "off")},
         )
+
+    @property
+    def batch_stats(self) -> Any:
+        """What the batch engine has done (steps, prompt tokens evaluated, shared and cached)."""
+        return self._batcher.stats if self._batcher is not None else None
 
     def close(self) -> None:
         self.cancel_all()
         with self.exclusive():
             llm, self._llm = self._llm, None
             if llm is not None:
-                llm.close()
+                self._close_engine(llm)
+
+    def _close_engine(self, llm: Any) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()  # its context uses the model: freed first
+        llm.close()
 
     # -- engine hooks ---------------------------------------------------------------------------
     def _require(self) -> Any:
@@ -316,32 +360,13 @@ class LlamaCppBackend(EngineBackend):
 
     def decode_loop(self, ids: list[int], params: SamplingParams, max_tokens: int,
                     on_token: Callable[[int], bool]) -> None:
-        llm = self._require()
-        if max_tokens <= 0:
-            return
-        llama_cpp = import_llama_cpp()
-        # generate() builds its sampler from this seed; the default seed means "random".
-        llm.set_seed(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-        # reset=True lets generate() keep the KV cache of the longest common prefix (the second
-        # phase after a forced </think>, or a follow-up turn) and re-evaluate only the rest.
-        tokens = llm.generate(
-            ids,
-            temp=max(0.0, params.temperature),
-            top_p=params.top_p,
-            top_k=max(0, params.top_k),
-            min_p=0.0,
-            typical_p=1.0,
-            repeat_penalty=1.0,
-            reset=True,
-        )
-        produced = 0
-        try:
-            for token in tokens:
-                produced += 1
-                if on_token(int(token)) or produced >= max_tokens:
-                    return
-        finally:
-            tokens.close()
+        self._require()
+        batcher = self._batcher
+        if batcher is None:
+            raise BackendError("The llama.cpp model is not loaded yet; call load() first.")
+        # Reuse of a cached prefix (the second phase after a forced </think>, a follow-up turn,
+        # the prompt of another sample) is the batcher's: it keeps each slot's KV.
+        batcher.run(ids, params, max_tokens, on_token, self.cancel_check())
 
 
 # -- registration ------------------------------------------------------------------------------
