@@ -55,6 +55,14 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     return convert_hf_to_gguf(tiny_model_dir, out, "F32")
 
 
+@pytest.fixture(scope="session")
+def gguf_dir(tiny_gguf, tmp_path_factory) -> Path:
+    """A model folder holding only the tiny GGUF (what a user who copied a .gguf has)."""
+    folder = tmp_path_factory.mktemp("gguf-only")
+    shutil.copy(tiny_gguf, folder / "vibethinker-tiny-f32.gguf")
+    return folder
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

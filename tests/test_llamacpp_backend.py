@@ -1,7 +1,6 @@
 """The llama.cpp engine on the tiny model's F32 GGUF, through the shared driver."""
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
@@ -21,13 +20,6 @@ def _manifest(path: Path, **overrides):
     base = {"backend": "llamacpp", "model.path": str(path), "llamacpp.n_ctx": 2048}
     base.update(overrides)
     return load_manifest(None, env={}, overrides=base)
-
-
-@pytest.fixture(scope="module")
-def gguf_dir(tiny_gguf, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gguf-only")
-    shutil.copy(tiny_gguf, folder / "vibethinker-tiny-f32.gguf")
-    return folder
 
 
 class GatedBackend(LlamaCppBackend):

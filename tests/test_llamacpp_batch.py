@@ -6,7 +6,6 @@ them has arrived (synchronisation, not timing); the batcher's own counters say w
 """
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,13 +35,6 @@ def _manifest(folder: Path, parallel: int, **overrides):
             "llamacpp.parallel": parallel}
     base.update(overrides)
     return load_manifest(None, env={}, overrides=base)
-
-
-@pytest.fixture(scope="module")
-def gguf_dir(tiny_gguf, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gguf-batch")
-    shutil.copy(tiny_gguf, folder / "vibethinker-tiny-f32.gguf")
-    return folder
 
 
 class HeldBackend(LlamaCppBackend):
