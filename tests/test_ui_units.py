@@ -8,7 +8,7 @@ import pytest
 from backends import ChatMessage, load_manifest
 from ui.limiter import FairLimiter, LimiterClosed, QueueFull
 from ui.messages import build_messages, mostly_chinese, strip_thinking
-from ui.page import _plain_block, wrap_bare_boxed
+from ui.page_views import _plain_block, wrap_bare_boxed
 from ui.server import check_auth, security_warnings
 from ui.strings import EN, RUNTIME, ZH, pick_language
 
