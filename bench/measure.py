@@ -250,7 +250,10 @@ def llama_kwargs(spec: EngineSpec) -> dict[str, Any]:
 
 def _bare_llama(spec: EngineSpec, prompts: list[dict], new_tokens: int, sampling: Sampling, warmup: int,
                 result: PathResult) -> None:
-    import llama_cpp
+    # The library as our engine imports it: on AMX CPUs plain llama_cpp crashes (llama.cpp #20824).
+    from backends.engines.llamacpp import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
 
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(spec.gguf, seed=sampling.seed, **llama_kwargs(spec))
