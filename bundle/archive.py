@@ -161,7 +161,8 @@ def _check_supply_chain(texts: dict[str, str], actual: dict[str, str], listed: d
     report.hashed_files = len(hashed)
     wheels = {rel: d for rel, d in actual.items() if rel.startswith("wheels/") and rel.endswith(".whl")}
     covered = info.get("wheelhouse_files") or []
-    report.wheelhouse = check_wheelhouse(req, hashed, wheels, covered, listed)
+    allowed = {f"wheels/{n}" for n in info.get("unpinned_wheels") or ()}
+    report.wheelhouse = check_wheelhouse(req, hashed, wheels, covered, {r: d for r, d in listed.items() if r in allowed})
 
 
 def verify_archive(path: Path) -> VerifyReport:

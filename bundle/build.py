@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archive import SUMS_NAME, sha256_file, sums_text, write_tar_gz
+from .hashes import parse_pins
 from .pinhash import HashError, hash_requirement_files
 from .reqfiles import INDEX_NAME
 from .requirements import pinned_requirements, project_metadata
@@ -231,6 +232,11 @@ def build(
                 files[f"wheels/{wheel.name}"] = wheel
         # After the wheelhouse: a wheel built here (llama-cpp-python) adds its own digest.
         hashed = hash_requirement_files(tmp / "gen" / "requirements", root, wheel_dir)
+        pinned = {d for f in hashed for p in parse_pins(f, (tmp / "gen" / "requirements" / f).read_text("utf-8"))[0]
+                  for d in p.digests}
+        # Wheels no hash pin covers (torch and its own dependencies in a full wheelhouse): named here,
+        # checked against SHA256SUMS.
+        unpinned = sorted(w.name for w in (wheel_dir.glob("*.whl") if wheel_dir else []) if sha256_file(w) not in pinned)
 
         info = {
             "name": "vibethinker-app",
@@ -245,6 +251,7 @@ def build(
             "model": model_folder,
             "hashed": hashed,
             "wheelhouse_files": [f for f in covered if f in hashed],
+            "unpinned_wheels": unpinned,
         }
         info_path = tmp / "gen" / "BUNDLE.json"
         info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")

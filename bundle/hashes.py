@@ -108,11 +108,12 @@ class WheelhouseReport:
 
 
 def check_wheelhouse(req_texts: dict[str, str], hashed_files: list[str], wheel_digests: dict[str, str],
-                     covered_files: list[str] | None = None, sums: dict[str, str] | None = None) -> WheelhouseReport:
+                     covered_files: list[str] | None = None, unpinned: dict[str, str] | None = None) -> WheelhouseReport:
     """Check the wheels (``wheels/<file>`` → sha256) against the hash pins of ``hashed_files``.
 
     A wheel passes when its digest is one that a hashed file pins for its name, or — for a package no
-    hashed file pins (torch, pinned by version only) — when SHA256SUMS lists exactly that digest.
+    hashed file pins (torch and its own dependencies, pinned by version only) — when ``unpinned``
+    (BUNDLE.json's ``unpinned_wheels``, with their SHA256SUMS digests) lists exactly that digest.
     ``covered_files``: the requirement files the wheelhouse was filled from; each of their pins must
     have its wheel (BUNDLE.json ``wheelhouse_files``).
     """
@@ -134,7 +135,7 @@ def check_wheelhouse(req_texts: dict[str, str], hashed_files: list[str], wheel_d
             if not any(digest in p.digests for p in pins):
                 where = ", ".join(f"{p.name}=={p.version} in requirements/{p.file}" for p in pins)
                 report.tampered.append(f"{rel}: sha256 {digest[:16]}… is not a hash pinned for {where}")
-        elif sums is not None and sums.get(rel) == digest and parsed is not None:
+        elif unpinned is not None and unpinned.get(rel) == digest:
             continue  # e.g. torch: pinned by version, the file itself covered by SHA256SUMS
         elif digest not in pinned_digests:
             report.unknown.append(rel)
