@@ -253,9 +253,10 @@ def pip_install(app: App, python: Path, step: Step, *, index: Index | None, boot
     env = clean_env(step.env)
     t0 = time.monotonic()
     with open(log, "w", encoding="utf-8") as fh:
-        fh.write(f"# {step.name}: offline attempt (--no-index{' --find-links ' + str(wheels) if wheels else ''})\n")
-        fh.flush()
         cmd = base + ["--no-index"] + (["--find-links", str(wheels)] if wheels else [])
+        fh.write(f"# {step.name}: offline attempt (--no-index{' --find-links ' + str(wheels) if wheels else ''})\n"
+                 f"$ {' '.join(cmd)}\n")
+        fh.flush()
         done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_launcher)
     if done.returncode == 0:
         ok(f"[{time.monotonic() - t0:5.1f} s] {step.name}: {'from wheels/' if wheels else 'already satisfied'} (offline)")
@@ -289,7 +290,7 @@ def pip_install(app: App, python: Path, step: Step, *, index: Index | None, boot
     cmd = base + (["--index-url", index.url] if index.explicit else [])
     cmd += ["--find-links", str(wheels)] if wheels else []
     with open(log, "a", encoding="utf-8") as fh:
-        fh.write(f"\n# {step.name}: online attempt ({index.url})\n")
+        fh.write(f"\n# {step.name}: online attempt ({index.url})\n$ {' '.join(cmd)}\n")
         fh.flush()
         done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_launcher)
     if done.returncode != 0:
