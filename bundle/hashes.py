@@ -10,7 +10,7 @@ package, transitive ones included, as pip's hash-checking mode demands::
 
 ``requirements/index.json`` lists those files under ``"hashed"``; the launcher installs them with
 ``--require-hashes``, so pip refuses any file — from wheels/, the index or a mirror — whose digest
-is not pinned. Torch's files are pinned by version only (see docs/BUNDLE.md for why); a torch
+is not pinned. Torch's files are pinned by version only (docs/SUPPLY_CHAIN.md says why); a torch
 wheel in wheels/ is covered by SHA256SUMS.
 
 :func:`check_wheelhouse` compares every wheel in wheels/ with those pins before anything is

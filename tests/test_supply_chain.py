@@ -124,7 +124,7 @@ def test_requirement_files_are_fully_hashed(probe_build: Path) -> None:
     names = {m.name.rsplit("/", 1)[1] for m in tarfile.open(probe_build).getmembers() if "/requirements/" in m.name}
     unhashed = sorted(names - set(index["hashed"]) - {"index.json"})
     # Only torch's files (build and index chosen at install time) and an extra not installed where
-    # the bundle was built (pyproject.toml's ranges) go without hashes; docs/BUNDLE.md says why.
+    # the bundle was built (pyproject.toml's ranges) go without hashes; docs/SUPPLY_CHAIN.md says why.
     for name in unhashed:
         text = _read(probe_build, f"requirements/{name}").decode()
         assert name.startswith("torch-") or "Not pinned" in text, (name, text)
