@@ -230,8 +230,8 @@ def check_wheels_once(app: App) -> None:
     t0 = time.monotonic()
     bad = tampered_wheels(app)
     if bad:
-        fail("✖ wheels/ 中的文件与发布包的哈希不符, 拒绝安装 / wheels/ holds files that do not match the bundle's hash "
-             "pins; nothing was installed from it:\n" + "".join(f"    {line}\n" for line in bad)
+        fail("✖ wheels/ 中的文件与发布包的哈希不符, 拒绝安装 / "
+             "wheels/ holds files that do not match the bundle's hash pins; nothing was installed from it:\n" + "".join(f"    {line}\n" for line in bad)
              + "  修复 / Fix: download or extract the bundle again (python -m bundle verify <archive> checks it before "
                "you extract); or delete the named wheels to install those packages from the index (the same hashes "
                "apply there).")
