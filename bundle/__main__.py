@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check an archive (or an extracted folder) against its SHA256SUMS, and its "
                        "wheels/ against the --hash pins of its requirement files")
     v.add_argument("archive", type=Path)
-    lk = sub.add_parser("lock", help=f"hash every pinned package of this environment from the pip indexes into "
-                        f"hashes.lock.json (commit it; builds read it offline)")
+    lk = sub.add_parser("lock", help="hash every pinned package of this environment from the pip indexes into "
+                        "hashes.lock.json (commit it; builds read it offline)")
     lk.add_argument("--index-url", action="append", default=None, metavar="URL",
                     help="an index to read (repeatable; default: pip's configured index and extra indexes)")
     args = parser.parse_args(argv)

@@ -95,7 +95,7 @@ def _page(index: str, name: str) -> str | None:
         return page.read_text(encoding="utf-8", errors="replace") if page.is_file() else None
     request = urllib.request.Request(url, headers={"Accept": "text/html"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (pip's own index)
+        with urllib.request.urlopen(request, timeout=30) as response:  # pip's own index
             return response.read().decode("utf-8", errors="replace")
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
@@ -133,7 +133,7 @@ def lookup(pins: Iterable[tuple[str, str]], indexes: list[str], say=print) -> di
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         for index in indexes:
-            for idx, (name, version), result in pool.map(lambda p: one(index, p), wanted):
+            for idx, (name, version), result in pool.map(one, [index] * len(wanted), wanted):
                 if isinstance(result, Exception):
                     if idx not in dead:
                         dead[idx] = f"{type(result).__name__}: {result}"

@@ -24,7 +24,7 @@ import pytest
 
 from bundle import build as build_module
 from bundle import pinhash
-from bundle.archive import SUMS_NAME, parse_sums, sums_text, verify_archive, verify_folder
+from bundle.archive import SUMS_NAME, sums_text, verify_archive, verify_folder
 from bundle.build import HashError, build
 from bundle.hashes import logical_lines, parse_pins
 from bundle.launcher import install
@@ -73,7 +73,7 @@ def probe_build(tmp_path_factory) -> Path:
 
     mp.setattr(build_module, "pinned_requirements", with_probe)
     mp.setattr(build_module, "_wheelhouse", wheelhouse)
-    mp.setattr(pinhash, "pip_indexes", lambda: [])  # no network: the lock and wheels/ only
+    mp.setattr(pinhash, "pip_indexes", list)  # no network: the lock and wheels/ only
     try:
         return build(target="cpu", out_dir=tmp_path_factory.mktemp("dist"), wheelhouse="app").archive
     finally:
@@ -121,7 +121,8 @@ def _rewrite(src: Path, dst: Path, change: dict[str, bytes | None], add: dict[st
 def test_requirement_files_are_fully_hashed(probe_build: Path) -> None:
     index = json.loads(_read(probe_build, "requirements/index.json"))
     info = json.loads(_read(probe_build, "BUNDLE.json"))
-    names = {m.name.rsplit("/", 1)[1] for m in tarfile.open(probe_build).getmembers() if "/requirements/" in m.name}
+    with tarfile.open(probe_build) as tar:
+        names = {m.name.rsplit("/", 1)[1] for m in tar.getmembers() if "/requirements/" in m.name}
     unhashed = sorted(names - set(index["hashed"]) - {"index.json"})
     # Only torch's files (build and index chosen at install time) and an extra not installed where
     # the bundle was built (pyproject.toml's ranges) go without hashes; docs/SUPPLY_CHAIN.md says why.
@@ -202,7 +203,7 @@ def test_build_refuses_a_wheel_that_differs_from_its_index(monkeypatch: pytest.M
         return "none", []
 
     monkeypatch.setattr(build_module, "_wheelhouse", wheelhouse)
-    monkeypatch.setattr(pinhash, "pip_indexes", lambda: [])
+    monkeypatch.setattr(pinhash, "pip_indexes", list)
     with pytest.raises(HashError, match=rf"wheels/{filename}: pip fetched a file whose sha256"):
         build(target="cpu", out_dir=tmp_path, wheelhouse="app")
     assert not list(tmp_path.glob("*.tar.gz")), "nothing written"
@@ -217,7 +218,7 @@ def test_build_stops_on_a_pin_it_cannot_hash(monkeypatch: pytest.MonkeyPatch, tm
         return pins
 
     monkeypatch.setattr(build_module, "pinned_requirements", with_unknown)
-    monkeypatch.setattr(pinhash, "pip_indexes", lambda: [])
+    monkeypatch.setattr(pinhash, "pip_indexes", list)
     with pytest.raises(HashError, match=r"cannot hash no-such-package-vt==0.0.1.*python -m bundle lock"):
         build(target="cpu", out_dir=tmp_path)
 
