@@ -140,8 +140,11 @@ def lookup(pins: Iterable[tuple[str, str]], indexes: list[str], say=print) -> di
                         say(f"warning: index {idx} did not answer ({dead[idx]}); hashes from the others",
                             file=sys.stderr)
                     continue
-                if result:
-                    found.setdefault(f"{name}=={version}", {}).update(result)
+                entry = found.setdefault(f"{name}=={version}", {}) if result else {}
+                for filename, digest in result.items():
+                    # The same file name with another digest on another index: keep both (each may be served).
+                    key = filename if entry.get(filename, digest) == digest else f"{filename} ({idx})"
+                    entry[key] = digest
     return found
 
 
@@ -244,7 +247,7 @@ def hash_requirement_files(req_dir: Path, root: Path, wheel_dir: Path | None, in
             continue
         digest = sha256_file(wheel)
         expected = listed.get(pin, {}).get(wheel.name)
-        if expected is not None and expected != digest:
+        if expected is not None and digest not in digests.get(pin, ()):
             raise HashError(f"wheels/{wheel.name}: pip fetched a file whose sha256 ({digest}) differs from the one the "
                             f"index lists ({expected}). Fix: clear pip's cache (pip cache purge) and check the index "
                             f"(PIP_INDEX_URL); never ship it.")

@@ -139,7 +139,9 @@ def test_requirement_files_are_fully_hashed(probe_build: Path) -> None:
         assert len(pins) == len(logical_lines(text)), name
         for pin in pins:
             if pin.name != "vt-probe":  # every real pin carries exactly the files the indexes listed
-                assert pin.digests == set(lock[f"{pin.name}=={pin.version}"].values()), pin
+                key = f"{pin.name}=={pin.version}"
+                assert key in lock, f"hashes.lock.json lacks {key}: run `python -m bundle lock` and commit it"
+                assert pin.digests == set(lock[key].values()), pin
     core = {p.name for p in parse_pins("base.txt", _read(probe_build, "requirements/base.txt").decode())[0]}
     assert {"gradio", "pydantic", "fastapi", "uvicorn", "starlette", "httpx"} <= core, "transitive ones included"
     (probe,) = parse_pins("probe.txt", _read(probe_build, "requirements/probe.txt").decode())[0]
