@@ -22,17 +22,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--with-model", type=Path, default=None, metavar="PATH", help="also pack a model folder or .gguf file")
     b.add_argument("--out", type=Path, default=Path("dist"), help="output folder (default dist/)")
-    v = sub.add_parser("verify", help="check an archive (or an extracted folder) against its SHA256SUMS")
+    v = sub.add_parser("verify", help="check an archive (or an extracted folder) against its SHA256SUMS, and its "
+                       "wheels/ against the --hash pins of its requirement files")
     v.add_argument("archive", type=Path)
+    lk = sub.add_parser("lock", help="hash every pinned package of this environment from the pip indexes into "
+                        "hashes.lock.json (commit it; builds read it offline)")
+    lk.add_argument("--index-url", action="append", default=None, metavar="URL",
+                    help="an index to read (repeatable; default: pip's configured index and extra indexes)")
     args = parser.parse_args(argv)
 
+    if args.command == "lock":
+        from .pinhash import lock_command
+        from .requirements import RequirementsError
+
+        try:
+            path, count = lock_command(Path(__file__).resolve().parent.parent, args.index_url)
+        except RequirementsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{path}  ({count} pinned versions hashed)")
+        return 0
+
     if args.command == "build":
-        from .build import BuildError, build
+        from .build import BuildError, HashError, build
         from .requirements import RequirementsError
 
         try:
             result = build(target=args.target, out_dir=args.out, wheelhouse=args.wheelhouse, with_model=args.with_model)
-        except (BuildError, RequirementsError) as exc:
+        except (BuildError, HashError, RequirementsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         size = result.archive.stat().st_size / 2**20

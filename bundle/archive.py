@@ -1,13 +1,22 @@
-"""Reproducible tar.gz writing and SHA256SUMS checking (stdlib only: also runs on a bare Python)."""
+"""Reproducible tar.gz writing and SHA256SUMS checking (stdlib only: also runs on a bare Python).
+
+Verifying a bundle also checks its supply chain (bundle/hashes.py): every requirement file that
+requirements/index.json lists as hashed has a ``--hash`` on every line, and every wheel in wheels/
+matches one of the hashes pinned for it — so a wheel swapped together with a rewritten SHA256SUMS
+is still named.
+"""
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from .hashes import HASHED_KEY, WheelhouseReport, check_wheelhouse, parse_pins
 
 SUMS_NAME = "SHA256SUMS"
 _CHUNK = 1 << 20
@@ -83,34 +92,83 @@ class VerifyReport:
     extra: list[str] = field(default_factory=list)  # present, not listed
     changed: list[str] = field(default_factory=list)  # digest differs
     problems: list[str] = field(default_factory=list)  # unsafe members, no sums file, ...
+    wheelhouse: WheelhouseReport | None = None  # wheels/ against the --hash pins
+    hashed_files: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.extra or self.changed or self.problems)
+        return not (self.missing or self.extra or self.changed or self.problems) and (
+            self.wheelhouse is None or self.wheelhouse.ok)
 
     def render(self, what: str) -> str:
+        wheels = self.wheelhouse.checked if self.wheelhouse else 0
         if self.ok:
-            return f"OK: {what}: all {self.checked} files match {SUMS_NAME} / 全部文件校验通过"
-        lines = [f"FAILED: {what} does not match its {SUMS_NAME} / 校验失败:"]
+            pins = (f"; {self.hashed_files} requirement files hash-pinned"
+                    + (f", all {wheels} wheels match their pins" if wheels else "")) if self.hashed_files else ""
+            return f"OK: {what}: all {self.checked} files match {SUMS_NAME}{pins} / 全部文件校验通过"
+        lines = [f"FAILED: {what} does not match its {SUMS_NAME} or its hash pins / 校验失败:"]
         lines += [f"  problem / 问题: {p}" for p in self.problems]
         lines += [f"  missing / 缺失: {n}" for n in self.missing]
         lines += [f"  extra (not in {SUMS_NAME}) / 多余: {n}" for n in self.extra]
         lines += [f"  changed / 被修改: {n}" for n in self.changed]
-        lines.append("Fix: download or copy the bundle again / 修复: 重新下载或复制发布包")
+        if self.wheelhouse is not None:
+            lines += self.wheelhouse.lines()
+        lines.append("Fix: download or copy the bundle again; never install a wheel that fails its pin "
+                     "/ 修复: 重新下载或复制发布包, 不要安装校验失败的 wheel")
         return "\n".join(lines)
 
 
-def _compare(listed: dict[str, str], actual: dict[str, str], report: VerifyReport) -> VerifyReport:
+def _is_supply_file(rel: str) -> bool:
+    return rel == "BUNDLE.json" or (rel.startswith("requirements/") and rel.count("/") == 1)
+
+
+def _compare(listed: dict[str, str], actual: dict[str, str], report: VerifyReport,
+             texts: dict[str, str] | None = None) -> VerifyReport:
     report.missing = sorted(set(listed) - set(actual))
     report.extra = sorted(set(actual) - set(listed))
     report.changed = sorted(n for n in set(listed) & set(actual) if listed[n] != actual[n])
     report.checked = len(set(listed) & set(actual))
+    if texts is not None:
+        _check_supply_chain(texts, actual, listed, report)
     return report
+
+
+def _check_supply_chain(texts: dict[str, str], actual: dict[str, str], listed: dict[str, str],
+                        report: VerifyReport) -> None:
+    """The requirement files' hash pins and the wheelhouse against them (bundles only)."""
+    if "requirements/index.json" not in texts:
+        return
+    try:
+        index = json.loads(texts["requirements/index.json"])
+        info = json.loads(texts.get("BUNDLE.json", "{}"))
+    except ValueError as exc:
+        report.problems.append(f"requirements/index.json or BUNDLE.json is not JSON: {exc}")
+        return
+    hashed = index.get(HASHED_KEY)
+    if not isinstance(hashed, list) or not hashed:
+        report.problems.append("requirements/index.json lists no hash-pinned requirement file (a bundle built "
+                               "before hashes, or edited): rebuild it with python -m bundle build")
+        return
+    req = {name: texts.get(f"requirements/{name}", "") for name in
+           {rel.split("/", 1)[1] for rel in texts if rel.startswith("requirements/")}}
+    for name in hashed:
+        if f"requirements/{name}" not in texts:
+            report.problems.append(f"requirements/{name}: listed as hashed in index.json but absent")
+            continue
+        loose = parse_pins(name, req[name])[1]
+        if loose:
+            report.problems.append(f"requirements/{name}: not hash-pinned: {', '.join(loose[:5])}")
+    report.hashed_files = len(hashed)
+    wheels = {rel: d for rel, d in actual.items() if rel.startswith("wheels/") and rel.endswith(".whl")}
+    covered = info.get("wheelhouse_files") or []
+    allowed = {f"wheels/{n}" for n in info.get("unpinned_wheels") or ()}
+    report.wheelhouse = check_wheelhouse(req, hashed, wheels, covered, {r: d for r, d in listed.items() if r in allowed})
 
 
 def verify_archive(path: Path) -> VerifyReport:
     report = VerifyReport()
     actual: dict[str, str] = {}
+    texts: dict[str, str] = {}
     sums: str | None = None
     roots: set[str] = set()
     try:
@@ -137,9 +195,14 @@ def verify_archive(path: Path) -> VerifyReport:
                 sums = fh.read().decode("utf-8")
                 continue
             digest = hashlib.sha256()
+            kept = [] if _is_supply_file(rel) else None
             for block in iter(lambda: fh.read(_CHUNK), b""):
                 digest.update(block)
+                if kept is not None:
+                    kept.append(block)
             actual[rel] = digest.hexdigest()
+            if kept is not None:
+                texts[rel] = b"".join(kept).decode("utf-8", errors="replace")
     if len(roots) != 1:
         report.problems.append(f"expected one top-level folder, found {sorted(roots) or 'none'}")
     if sums is None:
@@ -150,7 +213,7 @@ def verify_archive(path: Path) -> VerifyReport:
     except ValueError as exc:
         report.problems.append(str(exc))
         return report
-    return _compare(listed, actual, report)
+    return _compare(listed, actual, report, texts)
 
 
 def verify_folder(folder: Path, ignore: Iterable[str] = ()) -> VerifyReport:
@@ -173,4 +236,5 @@ def verify_folder(folder: Path, ignore: Iterable[str] = ()) -> VerifyReport:
             continue
         if path.is_file():
             actual[rel] = sha256_file(path)
-    return _compare(listed, actual, report)
+    texts = {rel: (folder / rel).read_text(encoding="utf-8", errors="replace") for rel in actual if _is_supply_file(rel)}
+    return _compare(listed, actual, report, texts)

@@ -8,7 +8,8 @@ Layout of ``dist/vibethinker-app-<version>-<target>.tar.gz`` (one top-level fold
     backends/ ui/ bundle/ the app (no tests, benchmark, caches or secrets)
     scripts/convert_to_gguf.py, scripts/fetch_model.py   the user-facing tools
     requirements/         pinned from the build environment (bundle/requirements.py): bootstrap,
-                          core, one file per extra, torch per build, index.json
+                          core, one file per extra, torch per build, index.json; every line of
+                          all but torch's has its --hash=sha256 (bundle/pinhash.py, hashes.lock.json)
     wheels/               optional wheelhouse for offline installs
     models/<name>/        optional model files (manifest's model.path points there)
     SHA256SUMS            every other file, sha256sum format
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archive import SUMS_NAME, sha256_file, sums_text, write_tar_gz
+from .hashes import parse_pins
+from .pinhash import HashError, hash_requirement_files
 from .reqfiles import INDEX_NAME
 from .requirements import pinned_requirements, project_metadata
 
@@ -41,6 +44,9 @@ _EXCLUDED_DIRS = {"__pycache__", ".git", ".venv", "dist", "build", "tests", "ben
 # Never ship what looks like a secret or a leftover.
 _EXCLUDED_NAME = re.compile(r"(^\.env.*|.*\.(pyc|pyo|log|partial|pem|key|crt|p12)$|^id_(rsa|ed25519).*|^\.DS_Store$|.*~$)")
 WHEELHOUSE_KINDS = ("none", "app", "full")
+
+
+__all__ = ["BuildError", "BuildResult", "HashError", "build"]
 
 
 class BuildError(RuntimeError):
@@ -153,27 +159,29 @@ def engine_extras() -> list[str]:
     return out
 
 
-def _wheelhouse(kind: str, target: str, req_dir: Path, wheel_dir: Path) -> str:
-    """Fill ``wheel_dir``; returns how llama-cpp-python was included: cpu | cuda | none."""
+def _wheelhouse(kind: str, target: str, req_dir: Path, wheel_dir: Path) -> tuple[str, list[str]]:
+    """Fill ``wheel_dir``; returns how llama-cpp-python was included (cpu | cuda | none) and the
+    requirement files whose every pin now has its wheel there (``python -m bundle verify`` checks them)."""
     index = json.loads((req_dir / INDEX_NAME).read_text(encoding="utf-8"))
     groups = [index["core"]] + [index["extras"][e] for e in engine_extras() if e in index["extras"]]
-    reqs = ["-r", str(req_dir / index["bootstrap"])]
-    reqs += [a for g in groups if not g["llama_cpp"] for a in ("-r", str(req_dir / g["file"]))]
+    covered = [index["bootstrap"]] + [g["file"] for g in groups if not g["llama_cpp"]]
+    reqs = [a for f in covered for a in ("-r", str(req_dir / f))]
     if kind == "full" and any(g["torch"] for g in groups):
         reqs += ["-r", str(req_dir / index["torch"][target])]
     _pip_wheel(reqs, wheel_dir)
-    llama_groups = [a for g in groups if g["llama_cpp"] for a in ("-r", str(req_dir / g["file"]))]
+    llama_files = [g["file"] for g in groups if g["llama_cpp"]]
+    llama_groups = [a for f in llama_files for a in ("-r", str(req_dir / f))]
     if not llama_groups:
-        return "none"
+        return "none", covered
     if target == "cpu":
         # pip's cache holds the CPU build made when the build environment was installed.
         _pip_wheel(llama_groups, wheel_dir)
-        return "cpu"
+        return "cpu", covered + llama_files
     if _nvcc_works():
         env = {**os.environ, "CMAKE_ARGS": "-DGGML_CUDA=on", "FORCE_CMAKE": "1"}
         # No cache: a cached wheel would be the CPU build (the cache key ignores CMAKE_ARGS).
         _pip_wheel([*llama_groups, "--no-cache-dir", "--no-binary", "llama-cpp-python"], wheel_dir, env)
-        return "cuda"
+        return "cuda", covered + llama_files
     print(
         "warning: no nvcc + GPU here, so the cuda wheelhouse has no llama-cpp-python; the notebook builds it "
         "(needs its index and nvcc) / 本机无法编译 CUDA 版 llama-cpp-python, 将在 Notebook 上编译",
@@ -214,13 +222,21 @@ def build(
             path.write_text(text, encoding="utf-8")
             files[rel] = path
 
-        llama_wheel = "none"
+        llama_wheel, covered = "none", []
+        wheel_dir = None
         if wheelhouse != "none":
             wheel_dir = tmp / "wheels"
             wheel_dir.mkdir()
-            llama_wheel = _wheelhouse(wheelhouse, target, tmp / "gen" / "requirements", wheel_dir)
+            llama_wheel, covered = _wheelhouse(wheelhouse, target, tmp / "gen" / "requirements", wheel_dir)
             for wheel in sorted(wheel_dir.iterdir()):
                 files[f"wheels/{wheel.name}"] = wheel
+        # After the wheelhouse: a wheel built here (llama-cpp-python) adds its own digest.
+        hashed = hash_requirement_files(tmp / "gen" / "requirements", root, wheel_dir)
+        pinned = {d for f in hashed for p in parse_pins(f, (tmp / "gen" / "requirements" / f).read_text("utf-8"))[0]
+                  for d in p.digests}
+        # Wheels no hash pin covers (torch and its own dependencies in a full wheelhouse): named here,
+        # checked against SHA256SUMS.
+        unpinned = sorted(w.name for w in (wheel_dir.glob("*.whl") if wheel_dir else []) if sha256_file(w) not in pinned)
 
         info = {
             "name": "vibethinker-app",
@@ -233,6 +249,9 @@ def build(
             "platform": sysconfig.get_platform(),
             "machine": platform.machine(),
             "model": model_folder,
+            "hashed": hashed,
+            "wheelhouse_files": [f for f in covered if f in hashed],
+            "unpinned_wheels": unpinned,
         }
         info_path = tmp / "gen" / "BUNDLE.json"
         info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -15,6 +15,7 @@ import pytest
 
 from bundle.archive import parse_sums, verify_archive, verify_folder
 from bundle.build import BuildError, build
+from bundle.hashes import parse_pins
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -104,9 +105,9 @@ def test_requirements_are_pinned_per_group(cpu_archive: Path) -> None:
 
     def pins(name: str) -> dict[str, str]:
         text = _read(cpu_archive, f"{root}/requirements/{name}").decode()
-        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-        assert lines and all("==" in line for line in lines), text
-        return dict(line.split("==") for line in lines)
+        found, loose = parse_pins(name, text)
+        assert found and loose == [], text  # every line name==version with its --hash (tests/test_supply_chain.py)
+        return {p.name: p.version for p in found}
 
     core = pins("base.txt")
     assert {"gradio", "pydantic", "pydantic-settings", "pyyaml", "numpy"} <= set(core)

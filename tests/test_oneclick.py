@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bundle.archive import verify_archive
 from bundle.build import build
 
 pytestmark = pytest.mark.slow
@@ -239,6 +240,7 @@ def test_two_launches_at_once_offline_from_wheelhouse(tiny_model_dir: Path, tmp_
     two launches started together on two ports (two terminals, a notebook cell run twice): one
     installs everything from wheels/, the other waits for it, reuses that install, and both serve."""
     archive = build(target="cpu", out_dir=tmp_path / "dist", wheelhouse="app").archive
+    assert verify_archive(archive).ok, verify_archive(archive).render(str(archive))  # wheels/ match their hash pins
     app = _extract(archive, tmp_path / "extracted")
     assert any((app / "wheels").glob("gradio-*.whl"))
     platform_python = _torch_only_platform(tmp_path)
@@ -261,6 +263,8 @@ def test_two_launches_at_once_offline_from_wheelhouse(tiny_model_dir: Path, tmp_
         assert "reusing the platform's torch" in out
         assert "bootstrap: from wheels/ (offline)" in out and "app: from wheels/ (offline)" in out, out
         assert "transformers: from wheels/ (offline)" in out, out
+        assert "wheels/: every wheel matches its hash pin" in out, out  # then pip ran with --require-hashes
+        assert " --require-hashes" in (app / "logs" / "pip-app.log").read_text()
         # The second launch waited for the first, named it, and installed nothing itself.
         assert f"another launch is installing (pid {procs[installer].pid}), waiting…" in other, other
         assert "跳过安装 / dependencies already installed, skipping install" in other, other

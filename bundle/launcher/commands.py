@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from .app import App, load_bundle_info
 from .config import config_flags, config_or_stop, config_python, existing_config_python, gpu_flag, resolve
-from .install import Plan, make_plan, plan_current, run_install
+from .install import Plan, check_wheels_once, make_plan, plan_current, run_install
 from .lock import InstallLock
 from .output import Stop, fail, note, ok, say, warn
 from .preflight import Machine, check_cuda_request, check_disk, check_port, gpu_info, index_problem, index_url_for
@@ -181,6 +181,8 @@ def cmd_doctor(app: App) -> int:
         (warn if problem else ok)(f"pip index {index.url} ({index.origin}): {problem or 'reachable'}")
         problems += bool(problem) and not app.wheels
     torch_build = plan.torch_build if plan else None
+    if not current:  # what the install would read from wheels/ must match the bundle's hash pins
+        problems += _checks(lambda: check_wheels_once(app))
     problems += _checks(lambda: check_disk(app, not current, torch_build),
                         lambda: check_cuda_request(cfg, origins, torch_build, machine, app.target),
                         lambda: check_port(cfg))

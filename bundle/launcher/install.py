@@ -11,7 +11,12 @@ to the requirement files of requirements/index.json (bundle/reqfiles.py) and run
   cache: pip's cache key ignores CMAKE_ARGS and would hand back a CPU build);
 - each step tries wheels/ with no index first (offline), then the index unless --offline, is timed,
   and logs to logs/pip-<step>.log. A stamp in the venv records every finished step (its file's
-  digest), so a rerun skips what is done and an interrupted install resumes where it stopped.
+  digest), so a rerun skips what is done and an interrupted install resumes where it stopped;
+- a release bundle's requirement files carry a ``--hash`` on every line (bundle/hashes.py;
+  requirements/index.json lists them under "hashed"): those steps run with ``--require-hashes``,
+  so pip installs no file — from wheels/, the index or a mirror — whose digest is not pinned. Before
+  the first step that reads wheels/, every wheel there is checked against those pins (or, for torch,
+  SHA256SUMS), and a changed or foreign wheel stops the install with its file named.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..archive import SUMS_NAME, parse_sums, sha256_file
+from ..hashes import HASHED_KEY, check_wheelhouse
 from .app import App
 from .lock import InstallLock
 from .output import fail, note, ok, say, tail, warn
@@ -47,6 +54,7 @@ class Step:
     allow_wheels: bool = True
     before: str = ""  # said before the step starts
     digest: str = ""
+    hashed: bool = False  # every line of its file has --hash: pip runs with --require-hashes
 
 
 @dataclass
@@ -132,6 +140,7 @@ def make_plan(app: App, cfg: dict[str, Any], resolved: dict[str, Any], machine: 
                 step.allow_wheels = app.bundle.get("llamacpp_wheel") in ("cpu", None)
         steps.append(step)
     for step in steps:
+        step.hashed = step.file in index.get(HASHED_KEY, ())
         step.digest = _digest(step.name, app.req(step.file).read_text(encoding="utf-8"),
                               json.dumps([step.env, step.extra_args, step.allow_wheels]))
     plan = Plan(venv=app.venv(cfg), extras=extras, engines=resolved["engines"], torch_needed=torch_needed,
@@ -167,9 +176,16 @@ def plan_current(plan: Plan) -> bool:
 
 # -- pip --------------------------------------------------------------------------------------------
 
+HASH_MISMATCH = "THESE PACKAGES DO NOT MATCH THE HASHES"
+
+
 def _pip_failure_reason(log: Path) -> str:
     text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    if HASH_MISMATCH in text:
+        which = re.findall(r"^\s+(\S+==\S+ from [^\s#]+)", text.split(HASH_MISMATCH, 1)[1], re.M)
+        return "hash mismatch / 哈希不符: " + ("; ".join(which) or "see the log")
     for pattern in (
+        r"(Hashes are required in --require-hashes mode, but they are missing from some requirements)",
         r"No matching distribution found for (\S+)",
         r"Could not find a version that satisfies the requirement (\S+)",
         r"Failed building wheel for (\S+)",
@@ -184,24 +200,72 @@ def _pip_failure_reason(log: Path) -> str:
     return "see the log"
 
 
+_WHEELS_CHECKED: set[Path] = set()
+
+
+def tampered_wheels(app: App) -> list[str]:
+    """What is wrong with wheels/ against the hash pins (and SHA256SUMS): one line per file."""
+    wheels = app.wheels
+    if wheels is None:
+        return []
+    index = app.req_index()
+    hashed = [f for f in index.get(HASHED_KEY, ()) if app.req(f).is_file()]
+    texts = {f: app.req(f).read_text(encoding="utf-8") for f in hashed}
+    try:
+        sums = parse_sums((app.dir / SUMS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        sums = {}
+    digests = {f"wheels/{w.name}": sha256_file(w) for w in sorted(wheels.glob("*.whl"))}
+    if not hashed:  # a bundle from before hash pins: SHA256SUMS alone
+        return [f"{rel}: sha256 differs from {SUMS_NAME}" for rel, d in digests.items() if sums.get(rel) not in (None, d)]
+    allowed = {f"wheels/{n}" for n in app.bundle.get("unpinned_wheels", ())}
+    report = check_wheelhouse(texts, hashed, digests, unpinned={r: d for r, d in sums.items() if r in allowed})
+    return report.tampered + [f"{rel}: no requirement file pins it (not part of this bundle)" for rel in report.unknown]
+
+
+def check_wheels_once(app: App) -> None:
+    """Refuse a wheelhouse with a changed or foreign wheel, naming each file (once per launch)."""
+    if app.wheels is None or app.dir in _WHEELS_CHECKED:
+        return
+    t0 = time.monotonic()
+    bad = tampered_wheels(app)
+    if bad:
+        fail("✖ wheels/ 中的文件与发布包的哈希不符, 拒绝安装 / "
+             "wheels/ holds files that do not match the bundle's hash pins; nothing was installed from it:\n" + "".join(f"    {line}\n" for line in bad)
+             + "  修复 / Fix: download or extract the bundle again (python -m bundle verify <archive> checks it before "
+               "you extract); or delete the named wheels to install those packages from the index (the same hashes "
+               "apply there).")
+    _WHEELS_CHECKED.add(app.dir)
+    ok(f"[{time.monotonic() - t0:5.1f} s] wheels/: every wheel matches its hash pin / wheel 哈希校验通过")
+
+
 def pip_install(app: App, python: Path, step: Step, *, index: Index | None, bootstrap: bool = False) -> None:
     """One timed install step: wheels/ (no index) first, then the index unless offline."""
     req = app.req(step.file)
     app.logs.mkdir(parents=True, exist_ok=True)
     log = app.logs / f"pip-{step.name}.log"
     base = [str(python), "-m", "pip", "install", "--progress-bar", "off", "--prefer-binary", "-r", str(req)]
+    base += ["--require-hashes"] if step.hashed else []
     base += step.extra_args
     wheels = app.wheels if step.allow_wheels else None
+    if wheels is not None:
+        check_wheels_once(app)
     env = clean_env(step.env)
     t0 = time.monotonic()
     with open(log, "w", encoding="utf-8") as fh:
-        fh.write(f"# {step.name}: offline attempt (--no-index{' --find-links ' + str(wheels) if wheels else ''})\n")
-        fh.flush()
         cmd = base + ["--no-index"] + (["--find-links", str(wheels)] if wheels else [])
+        fh.write(f"# {step.name}: offline attempt (--no-index{' --find-links ' + str(wheels) if wheels else ''})\n"
+                 f"$ {' '.join(cmd)}\n")
+        fh.flush()
         done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_launcher)
     if done.returncode == 0:
         ok(f"[{time.monotonic() - t0:5.1f} s] {step.name}: {'from wheels/' if wheels else 'already satisfied'} (offline)")
         return
+    if HASH_MISMATCH in log.read_text(encoding="utf-8", errors="replace"):
+        fail(f"✖ 哈希校验失败, 拒绝安装 / Refused at step '{step.name}': {_pip_failure_reason(log)}\n"
+             f"  日志 / log: {log}\n"
+             f"  修复 / Fix: a file does not match the hash the bundle pins for it: download or extract the bundle "
+             f"again (python -m bundle verify <archive>); never install it.")
     if app.args.offline:
         fail(
             f"✖ 离线安装失败 / Offline install failed at step '{step.name}': {_pip_failure_reason(log)}\n"
@@ -226,7 +290,7 @@ def pip_install(app: App, python: Path, step: Step, *, index: Index | None, boot
     cmd = base + (["--index-url", index.url] if index.explicit else [])
     cmd += ["--find-links", str(wheels)] if wheels else []
     with open(log, "a", encoding="utf-8") as fh:
-        fh.write(f"\n# {step.name}: online attempt ({index.url})\n")
+        fh.write(f"\n# {step.name}: online attempt ({index.url})\n$ {' '.join(cmd)}\n")
         fh.flush()
         done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_launcher)
     if done.returncode != 0:
@@ -265,7 +329,8 @@ def install_bootstrap(app: App, lock: InstallLock) -> Path:
         return ready
     env = bootstrap_env(app)
     note(f"安装读取配置所需的库 / installing what reading manifest.yaml needs into {env}")
-    step = Step("bootstrap", app.req_index()["bootstrap"])
+    index = app.req_index()
+    step = Step("bootstrap", index["bootstrap"], hashed=index["bootstrap"] in index.get(HASHED_KEY, ()))
     try:
         ensure_venv(env, reuse_platform=False, app_dir=app.dir, log=app.logs / "venv-bootstrap.log")
         say(f"  → bootstrap ({step.file}) …")
