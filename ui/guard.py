@@ -60,8 +60,8 @@ def is_public(path: str) -> bool:
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
+    for header, value in scope.get("headers", []):
+        if header == name:
             return value
     return None
 
