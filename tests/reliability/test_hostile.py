@@ -188,7 +188,7 @@ def test_manifest_file_fuzzed_fails_only_with_manifest_error_naming_the_key(tmp_
     _check(flat, lambda: load_manifest(path, env={}))
 
 
-@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(KEYS, st.text(max_size=20), min_size=1, max_size=3))
 def test_manifest_environment_fuzzed_fails_only_with_manifest_error_naming_the_variable(flat):
     env = {"VT_" + k.upper().replace(".", "__"): v for k, v in flat.items()}
