@@ -4,7 +4,8 @@ request-body limit (ASGI middlewares around the whole app, Gradio's routes inclu
 Deny by default: when ``server.auth.username/password`` is set, every path needs the page's
 login session (Gradio's own cookie) except :data:`PUBLIC_PATHS` / :data:`PUBLIC_PREFIXES`, each
 public for a stated reason; ``/v1/*`` and ``/metrics`` keep their API-key dependency (ui/api.py)
-and ``/v1/openapi.json`` joins them when a key is set. A route Gradio (or we) add later is
+and ``/v1/openapi.json`` joins them when a key is set; with a login and no key they need the
+login session like the rest (the model is never left open behind a page login). A route Gradio (or we) add later is
 therefore protected without anyone remembering to protect it.
 """
 from __future__ import annotations
@@ -181,13 +182,21 @@ class AccessGate:
                                  {"Retry-After": str(wait)})
                 return
 
-        if self.login and not is_public(path) and not path.startswith(KEY_PATHS) and path != "/v1/openapi.json":
+        # /v1 and /metrics have their own key; with a page login and no key they need the login.
+        key_guarded = bool(self.api_key) and (path.startswith(KEY_PATHS) or path == "/v1/openapi.json")
+        if self.login and not is_public(path) and not key_guarded:
             if not self._logged_in(scope):
                 self.on_refused()
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 4401})
                     return
-                await _send_json(send, 401, {"detail": {"error": "Not authenticated", "auth_message": None}})
+                if path.startswith(KEY_PATHS) or path == "/v1/openapi.json":
+                    body = _openai_error("Not logged in: this server has a page login and no API key "
+                                         "(server.auth.api_key), so the API needs the page's login session.",
+                                         "invalid_request_error", "invalid_api_key")
+                else:
+                    body = {"detail": {"error": "Not authenticated", "auth_message": None}}
+                await _send_json(send, 401, body)
                 return
 
         if not (is_login or keyed) or scope["type"] != "http":

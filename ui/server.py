@@ -124,6 +124,12 @@ def security_warnings(manifest: Manifest) -> list[str]:
             "anyone who can reach this port can use the model. Set server.auth.username/password "
             "(VT_USERNAME/VT_PASSWORD) and/or server.auth.api_key (VT_API_KEY), or bind --host 127.0.0.1."
         )
+    elif not auth.api_key:
+        notes.append(
+            "server.auth.username/password protects the page; /v1 and /metrics then need the page's login "
+            "session too, which API clients (the openai SDK, curl) do not have. Set server.auth.api_key "
+            "(VT_API_KEY) to let them in with 'Authorization: Bearer <key>'."
+        )
     elif not auth.username:
         notes.append(
             "server.auth.api_key protects /v1 and /metrics only: the page (and its own Gradio API) stays open. "

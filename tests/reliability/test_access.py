@@ -121,6 +121,16 @@ def test_key_only_guards_v1_and_metrics():
     assert http.get("/config").status_code == 200  # documented: the page needs the login (start-up warns)
 
 
+def test_login_without_key_guards_v1_and_metrics_with_the_login():
+    app, _ = _app(**LOGIN)
+    http = TestClient(app)
+    for method, path in all_routes(app.routes):
+        if (path.startswith("/v1/") or path == "/metrics") and method != "HEAD":
+            assert http.request(method, path, json={}).status_code == 401, path
+    assert http.post("/login", data={"username": "alice", "password": "wonderland"}).status_code == 200
+    assert http.get("/v1/models").status_code == 200 and http.get("/metrics").status_code == 200
+
+
 def test_failed_logins_are_rate_limited_with_retry_after():
     app, _ = _app(**{"server.auth.api_key": KEY}, **LOGIN)
     http = TestClient(app)
