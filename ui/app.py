@@ -184,6 +184,7 @@ def build_app(host: ModelHost) -> FastAPI:
     gradio_app = next(r.app for r in app.routes if getattr(r, "path", None) == "" and hasattr(r, "app"))
     app.add_middleware(AccessGate, login=auth is not None, api_key=server.auth.api_key,
                        sessions=lambda: (gradio_app.tokens, gradio_app.cookie_id),
-                       on_refused=lambda: host.metrics.errors.labels(kind="auth").inc())
+                       on_refused=lambda: host.metrics.errors.labels(kind="auth").inc(),
+                       metrics_open=not server.auth.metrics)
     app.add_middleware(ForwardedPrefixMiddleware, root_path=root_path)
     return app

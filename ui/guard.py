@@ -134,8 +134,9 @@ class AccessGate:
 
     def __init__(self, app: ASGIApp, *, login: bool, api_key: str,
                  sessions: Callable[[], tuple[dict, str]], throttle: LoginThrottle | None = None,
-                 on_refused: Callable[[], None] | None = None) -> None:
+                 on_refused: Callable[[], None] | None = None, metrics_open: bool = False) -> None:
         self.app = app
+        self.metrics_open = metrics_open  # server.auth.metrics: false
         self.login = login
         self.api_key = api_key.encode()
         self.sessions = sessions
@@ -184,6 +185,8 @@ class AccessGate:
 
         # /v1 and /metrics have their own key; with a page login and no key they need the login.
         key_guarded = bool(self.api_key) and (path.startswith(KEY_PATHS) or path == "/v1/openapi.json")
+        if path == "/metrics" and self.metrics_open:
+            key_guarded = True  # left open on purpose (server.auth.metrics: false)
         if self.login and not is_public(path) and not key_guarded:
             if not self._logged_in(scope):
                 self.on_refused()

@@ -129,6 +129,8 @@ def test_login_without_key_guards_v1_and_metrics_with_the_login():
             assert http.request(method, path, json={}).status_code == 401, path
     assert http.post("/login", data={"username": "alice", "password": "wonderland"}).status_code == 200
     assert http.get("/v1/models").status_code == 200 and http.get("/metrics").status_code == 200
+    app, _ = _app(**LOGIN, **{"server.auth.metrics": "false"})
+    assert TestClient(app).get("/metrics").status_code == 200  # left open on purpose
 
 
 def test_failed_logins_are_rate_limited_with_retry_after():
