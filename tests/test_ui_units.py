@@ -103,6 +103,9 @@ def test_open_bind_without_protection_warns():
     assert "VT_API_KEY" in security_warnings(open_)[0]
     keyed = load_manifest(env={}, overrides={"server.host": "0.0.0.0", "server.auth.api_key": "k"})
     assert "page" in security_warnings(keyed)[0]  # the key does not cover the page
+    login = load_manifest(env={}, overrides={"server.host": "0.0.0.0", "server.auth.username": "u",
+                                             "server.auth.password": "p"})
+    assert "VT_API_KEY" in security_warnings(login)[0]  # API clients have no page session
     both = load_manifest(env={}, overrides={"server.host": "0.0.0.0", "server.auth.api_key": "k",
                                             "server.auth.username": "u", "server.auth.password": "p"})
     assert security_warnings(both) == []

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
 from backends import (
@@ -121,6 +122,22 @@ def install_error_handlers(app: FastAPI, host: ModelHost) -> None:
         param = ".".join(loc) or None
         return ApiError(400, f"Invalid request: {param or 'body'}: {err.get('msg')}", "invalid_request_error",
                         param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body it cannot decode: not UTF-8, nested too deep; 404/405):
+        # the same OpenAI shape as ours instead of {"detail": ...}.
+        if exc.status_code == 400:
+            host.metrics.errors.labels(kind="invalid_request").inc()
+            message = (f"The request body cannot be read: {exc.detail}. Send UTF-8 JSON (nested at most a few "
+                       "hundred levels).")
+        else:
+            message = str(exc.detail)
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        response = ApiError(exc.status_code, message, type_, code=f"http_{exc.status_code}").response()
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from importlib.metadata import PackageNotFoundError, version
 
 import gradio as gr
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .api import api_key_guard, build_router, install_error_handlers
+from .guard import AccessGate, BodyLimitMiddleware
 from .host import ModelHost
 from .metrics import CONTENT_TYPE_LATEST
 from .openai_models import Health
@@ -32,6 +34,21 @@ def normalize_root_path(value: str) -> str:
     return "/" + value.strip("/")
 
 
+# A forwarded prefix is a plain URL path: segments of letters, digits and -._~%@+ only. Anything
+# else (quotes, angle brackets, a scheme or a host such as //evil.com) would let whoever sends the
+# header decide where the page loads its code from, or put markup into it: such a header is ignored.
+_SAFE_PREFIX = re.compile(r"(/[A-Za-z0-9._~%@+-]+)+")
+
+
+def forwarded_prefix(value: str) -> str:
+    """The path of an ``X-Forwarded-Prefix`` header, or "" when it is not a plain path."""
+    value = value.split(",")[0].strip()
+    if not value.startswith("/") or value.startswith("//"):
+        return ""
+    value = "/" + value.strip("/") if value.strip("/") else ""
+    return value if not value or _SAFE_PREFIX.fullmatch(value) else ""
+
+
 class ForwardedPrefixMiddleware:
     """Behind a sub-path proxy (``/proxy/8080/``) the page must build its URLs under that prefix.
 
@@ -50,7 +67,7 @@ class ForwardedPrefixMiddleware:
             prefix = ""
             for name, value in scope.get("headers", []):
                 if name == b"x-forwarded-prefix":
-                    prefix = normalize_root_path(value.decode("latin-1").split(",")[0])
+                    prefix = forwarded_prefix(value.decode("latin-1"))
                     break
             prefix = prefix or (self.root_path if not self.root_path.startswith("http") else "")
             if prefix:
@@ -163,5 +180,11 @@ def build_app(host: ModelHost) -> FastAPI:
     )
     if not root_path.startswith("http"):  # an explicit full URL is the user's word
         app.add_middleware(BrowserRootMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
+    gradio_app = next(r.app for r in app.routes if getattr(r, "path", None) == "" and hasattr(r, "app"))
+    app.add_middleware(AccessGate, login=auth is not None, api_key=server.auth.api_key,
+                       sessions=lambda: (gradio_app.tokens, gradio_app.cookie_id),
+                       on_refused=lambda: host.metrics.errors.labels(kind="auth").inc(),
+                       metrics_open=not server.auth.metrics)
     app.add_middleware(ForwardedPrefixMiddleware, root_path=root_path)
     return app

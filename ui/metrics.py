@@ -4,6 +4,7 @@ Each app gets its own registry so that several apps in one process (tests) do no
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -56,6 +57,12 @@ class Metrics:
             "1 while the loaded engine can serve, 0 while it cannot (the remote engine: its upstream does not "
             "answer); labelled with the engine and, for the remote engine, the upstream's address.",
             ["engine", "endpoint"], registry=r)
+
+        self.threads = Gauge(
+            "vibethinker_process_threads",
+            "Threads alive in the server process (returns to its idle level once requests end: a leak shows).",
+            registry=r)
+        self.threads.set_function(threading.active_count)
 
     def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]) -> None:
         """Read live values at scrape time instead of tracking them by hand."""

@@ -49,8 +49,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: stop accepting, let running generations finish (at most
-    ``drain_timeout_s``), then exit 0. A second Ctrl+C quits at once."""
+    """On SIGTERM/SIGINT: refuse new generations (503), let running ones finish (at most
+    ``drain_timeout_s``), then exit 0. A second SIGTERM or Ctrl+C quits at once."""
 
     def __init__(self, config: uvicorn.Config, host: ModelHost, drain_timeout_s: float) -> None:
         super().__init__(config)
@@ -62,17 +62,18 @@ class DrainingServer(uvicorn.Server):
         # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown and the
         # process would end with 143 instead of a clean 0.
         if self._drain_deadline is not None:
-            if sig == signal.SIGINT:
-                log.warning("second interrupt: quitting now")
-                self.force_exit = True
-                self.should_exit = True
+            # A second SIGTERM or SIGINT: whoever sent it does not want to wait.
+            log.warning("second %s: quitting now", signal.Signals(sig).name)
+            self.force_exit = True
+            self.should_exit = True
             return
         log.info("received %s: draining (up to %.0f s for %d running generation(s))",
                  signal.Signals(sig).name, self.drain_timeout_s, self.host.busy)
         self._drain_deadline = time.monotonic() + self.drain_timeout_s
+        # The port stays open while draining: /health says 503 "draining" and new generations get
+        # 503 + Retry-After (a closed port would look like a crash to the platform's proxy); the
+        # running ones go on streaming. uvicorn closes the port when the drain ends.
         self.host.begin_drain()
-        for server in getattr(self, "servers", []):
-            server.close()  # no new connections; open ones keep streaming
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
@@ -122,6 +123,12 @@ def security_warnings(manifest: Manifest) -> list[str]:
             f"Serving on {manifest.server.host}:{manifest.server.port} with no page login and no API key: "
             "anyone who can reach this port can use the model. Set server.auth.username/password "
             "(VT_USERNAME/VT_PASSWORD) and/or server.auth.api_key (VT_API_KEY), or bind --host 127.0.0.1."
+        )
+    elif not auth.api_key:
+        notes.append(
+            "server.auth.username/password protects the page; /v1 and /metrics then need the page's login "
+            "session too, which API clients (the openai SDK, curl) do not have. Set server.auth.api_key "
+            "(VT_API_KEY) to let them in with 'Authorization: Bearer <key>'."
         )
     elif not auth.username:
         notes.append(

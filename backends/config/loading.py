@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import EnvSettingsSource
+from pydantic_settings import EnvSettingsSource, SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .schema import DEFAULT_MANIFEST, Manifest, ManifestError
@@ -141,7 +141,15 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[list[tuple[str, Any, str]], 
         if value not in (None, ""):
             items.append((dotted, value, f"environment variable {var}"))
     upper_env = {k.upper(): k for k in environ}
-    for dotted, value in _leaves(_EnvSource(environ)()):
+    try:
+        from_env = _EnvSource(environ)()
+    except SettingsError as exc:  # a whole section (VT_REMOTE=...) that is not JSON
+        field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        name = next((k for k in environ if k.upper() == env_name(field)), env_name(field))
+        raise ManifestError(
+            f"Invalid configuration: environment variable {name} sets the whole {field!r} section and is not a "
+            f"JSON object; set single keys instead, e.g. {env_name(field)}__<KEY>=value.") from None
+    for dotted, value in _leaves(from_env):
         parts = dotted.split(".")
         var = next((upper_env[n] for n in (env_name(".".join(parts[:i])) for i in range(len(parts), 0, -1))
                     if n in upper_env), env_name(dotted))

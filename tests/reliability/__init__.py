@@ -1,0 +1,1 @@
+"""Reliability and security, each guarantee reproduced by a test (docs/RELIABILITY.md lists them)."""
