@@ -66,10 +66,14 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with code {self.proc.returncode}: {self.tail()}")
             try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                health = httpx.get(self.base + "/health", timeout=2)
+                if health.status_code == 200:
                     self.load_s = time.perf_counter() - start
                     return self
-            except httpx.HTTPError:
+                if health.json().get("status") == "failed":  # it will not become ready: say why now
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(health.json().get("reason", "the model failed to load"))
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
         self.__exit__(None, None, None)

@@ -194,6 +194,27 @@ class TransformersBackend(EngineBackend):
             self._start_batching(model)
         report(1.0, "ready / 就绪")
 
+    def _kv_tokens_that_fit(self, model: Any) -> int | None:
+        """KV tokens that fit in 40 % of the free memory of the model's device (the manager refuses
+        a cache beyond what is free; the rest is for activations and the one-at-a-time path)."""
+        try:
+            cfg = model.config
+            heads = int(cfg.num_attention_heads)
+            kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+            head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+            per_token = int(cfg.num_hidden_layers) * 2 * kv_heads * head_dim * model.dtype.itemsize
+            if model.device.type == "cuda":
+                import torch
+
+                free = torch.cuda.mem_get_info(model.device)[0]
+            else:
+                import psutil
+
+                free = psutil.virtual_memory().available
+        except Exception:  # noqa: BLE001 - unknown config or device: no cap, the manager checks
+            return None
+        return int(0.4 * free) // max(1, per_token)
+
     def _start_batching(self, model: Any) -> None:
         settings = self.manifest
         if settings.transformers.attn_implementation == "eager":
@@ -204,7 +225,8 @@ class TransformersBackend(EngineBackend):
         runner = BatchRunner(model, BatchSettings(
             capacity=self.capacity,
             cache_tokens=cache_tokens_for(self.capacity, settings.generation.max_new_tokens,
-                                          self.context_length, settings.transformers.batch_cache_tokens),
+                                          self.context_length, settings.transformers.batch_cache_tokens,
+                                          self._kv_tokens_that_fit(model)),
             vocab_size=int(model.config.vocab_size),
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
             pad_token_id=int(model.generation_config.pad_token_id),
@@ -216,9 +238,13 @@ class TransformersBackend(EngineBackend):
         except Exception as exc:
             runner.close()
             self._model = self._tokenizer = None
+            cache = runner.settings.cache_tokens
             raise BackendError(
-                f"Continuous batching could not start ({type(exc).__name__}: {exc}); set transformers.batching: off "
-                f"in manifest.yaml to serve one request at a time."
+                f"Continuous batching could not start ({type(exc).__name__}: {exc}). Its KV cache holds {cache} tokens "
+                f"(server.concurrency {self.capacity} × room for a full reply of generation.max_new_tokens, or "
+                f"transformers.batch_cache_tokens): set transformers.batch_cache_tokens lower (e.g. "
+                f"{max(8192, cache // 8)}: the streams then share that many), lower server.concurrency, or set "
+                "transformers.batching: off to serve one request at a time."
             ) from exc
         self._batch = runner
 

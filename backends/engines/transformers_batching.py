@@ -49,14 +49,19 @@ class BatchSettings:
     pad_token_id: int
 
 
-def cache_tokens_for(capacity: int, max_new_tokens: int, context_length: int, configured: int) -> int:
-    """Size of the shared KV cache: ``configured`` if set, else room for ``capacity`` full replies.
+def cache_tokens_for(capacity: int, max_new_tokens: int, context_length: int, configured: int,
+                     memory_tokens: int | None = None) -> int:
+    """Size of the shared KV cache: ``configured`` if set, else room for ``capacity`` full replies,
+    capped by ``memory_tokens`` (what fits in the memory set aside for it: the streams then share
+    the cache, and the manager admits what fits).
 
     A single request must always fit (the manager raises a fatal error when one request alone
     exceeds the cache), so the result is never below one page more than the longest request can be.
     """
     per_request = min(context_length, max_new_tokens + 4096)
     wanted = configured if configured > 0 else capacity * per_request
+    if configured <= 0 and memory_tokens is not None:
+        wanted = min(wanted, memory_tokens)
     return max(wanted, min(context_length, per_request) + PAGE_SIZE)
 
 
