@@ -195,25 +195,22 @@ class TransformersBackend(EngineBackend):
         report(1.0, "ready / 就绪")
 
     def _kv_tokens_that_fit(self, model: Any) -> int | None:
-        """KV tokens that fit in 40 % of the free memory of the model's device (the manager refuses
-        a cache beyond what is free; the rest is for activations and the one-at-a-time path)."""
+        """KV tokens that fit in a third of the memory transformers' batching counts as free on the
+        model's device (its own check refuses a cache beyond that, and its activations, masks and
+        the one-at-a-time path need the rest)."""
         try:
+            from transformers.generation.continuous_batching.utils import get_device_and_memory_breakdown
+
             cfg = model.config
             heads = int(cfg.num_attention_heads)
             kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
             head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
             per_token = int(cfg.num_hidden_layers) * 2 * kv_heads * head_dim * model.dtype.itemsize
-            if model.device.type == "cuda":
-                import torch
-
-                free = torch.cuda.mem_get_info(model.device)[0]
-            else:
-                import psutil
-
-                free = psutil.virtual_memory().available
-        except Exception:  # noqa: BLE001 - unknown config or device: no cap, the manager checks
+            _, total, reserved, allocated = get_device_and_memory_breakdown()
+            free = total - max(allocated, reserved)
+        except Exception:  # noqa: BLE001 - unknown config or library layout: no cap, the manager checks
             return None
-        return int(0.4 * free) // max(1, per_token)
+        return max(0, free // 3) // max(1, per_token)
 
     def _start_batching(self, model: Any) -> None:
         settings = self.manifest
