@@ -347,3 +347,16 @@ def test_the_tiny_model_learns_the_page_code_prompt():
     from ui.strings import CODE_SYSTEM_PROMPT as PAGE_PROMPT
 
     assert CODE_SYSTEM_PROMPT == PAGE_PROMPT
+
+
+def test_a_python_under_tmp_is_bound_after_the_sandbox_tmp(monkeypatch):
+    # A venv under /tmp (a clone in a temporary folder) must not be hidden by the sandbox's own
+    # empty /tmp: its bind comes after the tmpfs (bubblewrap mounts in order).
+    import sys
+
+    from backends.answers.sandbox import Sandbox
+
+    monkeypatch.setattr(sys, "prefix", "/tmp/vt-clone/.venv")
+    args = Sandbox(mode="bubblewrap")._bwrap_args(Path("/tmp/ctl"))
+    pairs = list(zip(args, args[1:]))
+    assert pairs.index(("--tmpfs", "/tmp")) < pairs.index(("--ro-bind", "/tmp/vt-clone/.venv"))

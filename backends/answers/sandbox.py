@@ -318,8 +318,9 @@ class Sandbox:
                 "--unshare-uts", "--unshare-cgroup-try"]
         if not self._root:
             args.append("--unshare-user")  # what lets an ordinary user create the other namespaces
-        args += _system_binds()
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        # /tmp first: a Python (a venv) that lives under /tmp is bound on top of it, not hidden by it.
+        args += ["--tmpfs", "/tmp"] + _system_binds()
+        args += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(self.limits.tmpfs_mb * 1024 * 1024), "--tmpfs", BOX_WORK,
                  "--ro-bind", str(ctl), BOX_CTL, "--chdir", BOX_WORK,
                  "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", BOX_WORK,
