@@ -507,6 +507,9 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
                    f"peak RSS {_gib(s['peak_rss_bytes'])} GiB"))
             results[name][path] = result
     concurrency = []
+    # Many users and samples as people send them: no fixed seed (transformers' batch decodes a
+    # seeded request alone, which measured 1.0x at 8 streams on 2026-12-03).
+    users_sampling = dataclasses.replace(sampling, seed=None)
     for name in plan.concurrency_engines:
         if name not in specs:
             continue
@@ -515,7 +518,7 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
         try:
             # server.concurrency = the most users: the engine decodes them all together
             # (llamacpp.parallel: auto and transformers.batching: auto follow it).
-            conc = bench_http.measure_concurrency(specs[name], prompts, new, sampling, plan.users,
+            conc = bench_http.measure_concurrency(specs[name], prompts, new, users_sampling, plan.users,
                                                   concurrency=max(plan.users), log_dir=log_dir)
             conc["new_tokens"] = new
         except Exception as exc:  # noqa: BLE001
@@ -528,7 +531,7 @@ def run(plan: Plan, out_dir: Path, cache: Path, command: str, hf_folder: Path | 
             continue
         say(f"[bench] {SAMPLES_N} samples of one {plan.samples_prompt_tokens}-token prompt on {name}")
         job = {"spec": dataclasses.asdict(specs[name]), "path": "samples", "prompts": sample_prompts,
-               "new_tokens": plan.samples_new_tokens, "sampling": dataclasses.asdict(sampling), "n": SAMPLES_N}
+               "new_tokens": plan.samples_new_tokens, "sampling": dataclasses.asdict(users_sampling), "n": SAMPLES_N}
         result = run_in_worker(job, plan.worker_timeout_s)
         samples.append({"engine": name, "skipped": result.skipped, "runs": result.info.get("samples", []),
                         "peak_rss_bytes": result.peak_rss_bytes})

@@ -56,7 +56,7 @@ class EngineSpec:
 class Sampling:
     temperature: float = 0.6  # the model card's settings: sampling costs are part of a token
     top_p: float = 0.95
-    seed: int = 0
+    seed: int | None = 0  # None: each request random, as users send them (many users, samples)
 
 
 @dataclass
