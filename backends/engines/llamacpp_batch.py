@@ -258,14 +258,13 @@ class SequenceBatcher:
         for slot in self._slots:
             if slot.job is not None and (slot.job.cancelled.is_set() or slot.job.request_cancelled()):
                 self._finish(slot, drop_cells=True)
-        self._waiting = [j for j in self._waiting if not self._abandoned(j)]
-
-    @staticmethod
-    def _abandoned(job: _Sequence) -> bool:
-        if job.cancelled.is_set():
-            job.done.set()
-            return True
-        return False
+        still: list[_Sequence] = []
+        for job in self._waiting:
+            if job.cancelled.is_set():
+                job.done.set()
+            else:
+                still.append(job)
+        self._waiting = still
 
     def _admit(self) -> None:
         still: list[_Sequence] = []
